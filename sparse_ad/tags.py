@@ -27,5 +27,19 @@ ROAD_LINE = 24
 DEFAULT_ANOMALY_TAGS = (29, 30, 31, 32, 33, 34, 100)
 DEFAULT_IGNORE_TAGS = (112, 113, 114, 115, 116, 118, 119, 214)
 
-MAX_TAG = 255
-"""Tags are looked up through dense tables of this size; larger tags are rejected."""
+MAX_TAG = 65535
+"""Tags are stored as uint16 in VOXEL_GRID files; lookup tables cover 0..MAX_TAG."""
+
+CITYSCAPES_COLORS = {
+    (0, 0, 0): 0, (128, 64, 128): 1, (244, 35, 232): 2, (70, 70, 70): 3, (102, 102, 156): 4,
+    (190, 153, 153): 5, (153, 153, 153): 6, (250, 170, 30): 7, (220, 220, 0): 8,
+    (107, 142, 35): 9, (152, 251, 152): 10, (70, 130, 180): 11, (220, 20, 60): 12,
+    (255, 0, 0): 13, (0, 0, 142): 14, (0, 0, 70): 15, (0, 60, 100): 16, (0, 80, 100): 17,
+    (0, 0, 230): 18, (119, 11, 32): 19, (110, 190, 160): 20, (170, 120, 50): 21,
+    (55, 90, 80): 22, (45, 60, 150): 23, (157, 234, 50): 24, (81, 0, 81): 25,
+    (150, 100, 100): 26, (230, 150, 140): 27, (180, 165, 180): 28,
+    (245, 0, 0): 29,
+}
+"""CARLA's Cityscapes palette → tag, for older benchmark copies that keep semantic point
+clouds as `.pcd` with the tag encoded as a colour. The anomaly colour (245, 0, 0) maps to
+29, the tag the released samples carry."""

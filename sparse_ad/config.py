@@ -1,0 +1,241 @@
+"""Typed configuration: dataclasses loaded from YAML, overridable as `key.sub=value`.
+
+Defaults live here (grid constants via `grid.py`, tag sets via `tags.py`); YAML files in
+`configs/` only say what differs. Unknown keys are rejected with the valid ones listed, and
+the resolved config is saved next to every run (`save_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from sparse_ad.errors import ConfigError
+from sparse_ad.grid import ANOVOX_OFFSET, ANOVOX_RESOLUTION, ANOVOX_SHAPE, VoxelGrid
+from sparse_ad.tags import DEFAULT_ANOMALY_TAGS, DEFAULT_IGNORE_TAGS
+
+
+@dataclass
+class GridConfig:
+    resolution: float = ANOVOX_RESOLUTION
+    shape: tuple[int, int, int] = ANOVOX_SHAPE
+    offset: tuple[float, float, float] = ANOVOX_OFFSET
+
+    def build(self) -> VoxelGrid:
+        return VoxelGrid(self.resolution, tuple(self.shape), tuple(self.offset))
+
+
+@dataclass
+class LabelConfig:
+    anomaly_tags: tuple[int, ...] = DEFAULT_ANOMALY_TAGS
+    ignore_tags: tuple[int, ...] = DEFAULT_IGNORE_TAGS
+
+
+@dataclass
+class TransformConfig:
+    """Sensor → grid transform variant (see `grid.SensorTransform`); AnoVox: the defaults."""
+
+    location_sign: float = -1.0
+    negate_rotation: bool = True
+    flip_y: bool = False
+
+
+@dataclass
+class DataConfig:
+    root: str = ""                 # AnoVox split root; empty = synthetic demo split in cache
+    sensor: str = "LIDAR"          # input modality: LIDAR or SEMANTIC-LIDAR
+    val_fraction: float = 0.25     # share of scenarios held out (scenario-level split)
+    split_seed: int = 0
+    max_frames: int = 0            # 0 = all frames
+    num_workers: int = 2
+    max_skip_fraction: float = 0.05  # more skipped (broken) frames than this fails the run
+    # synthetic split written when root is empty
+    synth_scenarios: int = 8
+    synth_frames: int = 10
+    synth_seed: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    rotate_z_deg: float = 180.0
+    flip_y: bool = True
+    scale: tuple[float, float] = (0.95, 1.05)
+    jitter_m: float = 0.01
+
+
+@dataclass
+class ModelConfig:
+    in_channels: int = 6           # intensity, log count, offset xyz, normalized height
+    base_channels: int = 32
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    blocks_per_level: int = 2
+    scene_head: bool = False
+
+
+@dataclass
+class LossConfig:
+    kind: str = "focal"            # focal | bce
+    supervision: str = "voxel"     # voxel | scene | mil
+    gamma: float = 2.0
+    beta: float = 0.9999           # class-balanced effective-number beta
+    pos_weight: float = 3.0        # only for kind=bce
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
+    schedule: str = "onecycle"     # onecycle | cosine
+    grad_clip: float = 10.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 4
+    seed: int = 0
+    amp: bool = True               # used on CUDA only
+    device: str = "auto"           # auto | cpu | cuda
+    deterministic: bool = False
+    log_every: int = 20
+    max_minutes: float = 0.0       # 0 = no time budget
+
+
+@dataclass
+class EvalConfig:
+    target_recall: float = 0.5     # threshold calibrated on validation to reach this recall
+
+
+@dataclass
+class Config:
+    grid: GridConfig = field(default_factory=GridConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --- loading ----------------------------------------------------------------------------
+
+def _coerce(value, typ, where: str):
+    """Convert a YAML/CLI value to the annotated type, or raise ConfigError naming `where`."""
+    origin = typing.get_origin(typ)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(typ, value, where)
+    if origin is tuple:
+        args = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{where}: union types are not supported in config")
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if typ is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return typ(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+
+
+def _from_dict(cls, data: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_override(tree: dict, dotted: str, raw: str):
+    value = yaml.safe_load(raw) if raw != "" else ""
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults ← YAML file (which may name a `base:` file to start from) ← `key=value`s."""
+    tree: dict = {}
+    if path:
+        tree = _read_yaml(Path(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.epochs=5)")
+        key, raw = item.split("=", 1)
+        _set_override(tree, key.strip(), raw.strip())
+    return _from_dict(Config, tree, "")
+
+
+def _read_yaml(path: Path, depth: int = 0) -> dict:
+    if depth > 8:
+        raise ConfigError(f"{path}: `base:` chain is too deep (a cycle?)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; pass an existing YAML, e.g. configs/demo.yaml") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    base = data.pop("base", None)
+    if base:
+        data = _merge(_read_yaml((path.parent / base).resolve(), depth + 1), data)
+    return data
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain dict (lists for tuples) of a config, for YAML and JSON."""
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (temp file, then rename)."""
+    from sparse_ad.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

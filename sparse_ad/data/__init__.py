@@ -1,0 +1,1 @@
+"""Data: AnoVox reader, per-frame file readers, label join, dataset and batching."""

@@ -1,0 +1,59 @@
+"""AnoVox ground-truth voxel grids from semantic points (`sparse-ad voxelize-gt`).
+
+`voxel_grid_rows` is what the AnoVox generator computes for one sensor set, row for row:
+sensor frame → grid frame (`SensorTransform`), then the voxelizer's AnoVox label rule, rows
+in ascending linear-key order as uint16 (ix, iy, iz, tag). `regenerate_split` does it for
+every frame of a split, e.g. at another resolution.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sparse_ad.errors import SparseADError
+from sparse_ad.grid import SensorTransform, VoxelGrid
+from sparse_ad.io import atomic_save_npy
+from sparse_ad.voxelize import voxelize
+
+
+def voxel_grid_rows(points: np.ndarray, transform: SensorTransform, grid: VoxelGrid | None = None) -> np.ndarray:
+    """Semantic points (N, 4) = x, y, z, tag in a sensor frame → VOXEL_GRID rows (M, 4) uint16."""
+    return merged_rows([(points, transform)], grid or VoxelGrid())
+
+
+def merged_rows(parts: list[tuple[np.ndarray, SensorTransform]], grid: VoxelGrid) -> np.ndarray:
+    """Semantic points of one frame from one or more sensor sets, each (N, 4) with its
+    transform: all go into the grid frame, then one voxelization (the generator merges
+    its sources the same way)."""
+    if max(grid.shape) > np.iinfo(np.uint16).max + 1:
+        raise SparseADError(f"grid shape {grid.shape} does not fit uint16 coordinates; use a coarser resolution")
+    xyz = np.concatenate([t.apply(p) for p, t in parts]) if parts else np.zeros((0, 3))
+    tags = np.concatenate([np.rint(p[:, 3]).astype(np.int64) for p, _ in parts]) if parts else np.zeros(0, np.int64)
+    vox = voxelize(xyz, grid, labels=tags)
+    rows = np.empty((len(vox), 4), np.uint16)
+    rows[:, :3] = vox.coords
+    rows[:, 3] = vox.labels
+    return rows
+
+
+def regenerate_split(split_dir: Path, out_dir: Path, grid: VoxelGrid, progress: bool = True) -> int:
+    """Rewrite `Scenario_*/VOXEL_GRID/VOXEL_GRID_<frame>.npy` under `out_dir` from every
+    SEMANTIC-LIDAR sensor of each frame. Returns the number of frames written; frames
+    already written (same size or newer) are kept, so an interrupted run resumes."""
+    from tqdm import tqdm
+
+    from sparse_ad.data.anovox import load_frame, open_split
+
+    split = open_split(split_dir, "SEMANTIC-LIDAR", need_gt=False)
+    written = 0
+    for ref in tqdm(split.frames, desc="voxelize-gt", unit="frame", disable=not progress):
+        target = Path(out_dir) / ref.scenario.path.name / "VOXEL_GRID" / f"VOXEL_GRID_{ref.frame}.npy"
+        if target.exists():
+            continue
+        frame = load_frame(ref, "SEMANTIC-LIDAR", with_gt=False)
+        rows = merged_rows([(p, s.transform()) for s, p in frame.points], grid)
+        atomic_save_npy(target, rows)
+        written += 1
+    return written

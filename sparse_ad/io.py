@@ -1,0 +1,94 @@
+"""Safe, atomic file I/O shared by every reader and writer.
+
+- `.npy` files are read with `allow_pickle=False` always: a pickled object array is refused,
+  never unpickled. Shape and dtype are checked against what the caller expects, and every
+  problem becomes a `SparseADError` that names the file and the fix.
+- Everything we write goes to a temp file in the same folder, is fsynced, then renamed over
+  the target (`os.replace`), so a crash or a full disk leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from sparse_ad.errors import SparseADError
+
+
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Call `write(f)` on a temp file beside `path`, fsync, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _unlink_quietly(tmp)
+        raise SparseADError(f"{path}: could not write ({e.strerror or e}); free disk space or fix "
+                            "permissions, the previous file (if any) is intact") from None
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(p: str) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
+
+
+def load_npy(path: Path, *, ncols: int | None = None, kinds: str = "fiu",
+             dtype=None) -> np.ndarray:
+    """Load a 2-D numeric `.npy` without ever unpickling.
+
+    ncols: required number of columns (None: any); kinds: allowed numpy dtype kinds
+    (f float, i int, u unsigned); dtype: cast the result to this dtype.
+    """
+    path = Path(path)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise SparseADError(f"{path}: file not found") from None
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise SparseADError(f"{path}: holds a pickled object array, which is never loaded "
+                                "(it could run code); re-save it as a plain numeric array") from None
+        raise SparseADError(f"{path}: not a readable .npy file ({e}); re-export or delete it") from None
+    except (OSError, EOFError) as e:
+        raise SparseADError(f"{path}: truncated or not a .npy file ({e}); re-export or delete it") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in kinds:
+        raise SparseADError(f"{path}: expected a numeric array (dtype kind in {kinds!r}), "
+                            f"got dtype {getattr(arr, 'dtype', type(arr))}; re-export it")
+    if arr.ndim != 2 or (ncols is not None and arr.shape[1] != ncols):
+        want = f"(N, {ncols})" if ncols is not None else "(N, C)"
+        raise SparseADError(f"{path}: expected shape {want}, got {arr.shape}; re-export it")
+    return arr.astype(dtype, copy=False) if dtype is not None else arr
+
+
+def read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="strict")
+    except FileNotFoundError:
+        raise SparseADError(f"{path}: file not found") from None
+    except UnicodeDecodeError:
+        raise SparseADError(f"{path}: not UTF-8 text; re-export it") from None
+    except OSError as e:
+        raise SparseADError(f"{path}: cannot read ({e.strerror or e}); check permissions") from None

@@ -1,0 +1,1 @@
+"""Sparse U-Net and the sparse-tensor builder."""
