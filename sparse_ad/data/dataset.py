@@ -1,0 +1,161 @@
+"""Frames → labelled grid-frame points, the unit the trainer and evaluator consume.
+
+Labels are exact and augmentation-proof: each LiDAR point first gets the target of the
+ground-truth voxel it falls in on the AnoVox grid (unaugmented, float64), and carries that
+target through augmentation; the step then voxelizes the labelled points (on the GPU when
+training on CUDA) and a voxel's target is derived from its points (`batch.py`). Without
+augmentation this is identical to joining the input voxels to VOXEL_GRID by key.
+
+Augmentation is seeded by (seed, epoch, frame index), so it does not depend on worker
+count, order, or a resumed run's RNG state.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from sparse_ad.config import AugmentConfig, Config
+from sparse_ad.data.anovox import FrameRef, load_frame
+from sparse_ad.data.labels import ANOMALY, GroundTruth, lookup_tags, target_table, targets_from_tags
+from sparse_ad.errors import SparseADError
+from sparse_ad.grid import VoxelGrid
+
+
+@dataclass
+class Sample:
+    """One frame ready for voxelization (numpy, CPU)."""
+
+    index: int                 # position in the dataset (stable across epochs)
+    name: str                  # "<scenario id>/<frame>"
+    points: np.ndarray         # (N, 4) float64: grid-frame x, y, z, intensity
+    point_targets: np.ndarray  # (N,) int8: 1 anomaly, 0 normal, -1 ignore / not in GT
+    gt_has_anomaly: bool       # the frame's VOXEL_GRID holds anomaly voxels
+    lidar_sees_anomaly: bool   # ... and the LiDAR hits at least one of them
+
+
+def point_targets(points_grid: np.ndarray, gt: GroundTruth, grid: VoxelGrid, lut: np.ndarray) -> np.ndarray:
+    """Target of the GT voxel each grid-frame point falls in (-1 outside / not in GT)."""
+    idx, valid = grid.index(points_grid)
+    keys = np.where(valid, grid.keys(np.maximum(idx, 0)), -1)
+    tags = np.where(valid, lookup_tags(keys, gt), -1)
+    return targets_from_tags(tags, lut)
+
+
+def augment(points: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Rotate about z, flip y, scale and jitter the xyz of grid-frame points (a copy)."""
+    out = points.copy()
+    theta = np.deg2rad(rng.uniform(-cfg.rotate_z_deg, cfg.rotate_z_deg))
+    c, s = np.cos(theta), np.sin(theta)
+    x, y = out[:, 0].copy(), out[:, 1].copy()
+    out[:, 0], out[:, 1] = c * x - s * y, s * x + c * y
+    if cfg.flip_y and rng.random() < 0.5:
+        out[:, 1] = -out[:, 1]
+    out[:, :3] *= rng.uniform(*cfg.scale)
+    if cfg.jitter_m > 0:
+        out[:, :3] += rng.normal(0.0, cfg.jitter_m, size=(len(out), 3))
+    return out
+
+
+class FrameDataset:
+    """Map-style dataset over frame refs (works with torch's DataLoader and samplers).
+
+    A broken frame (truncated file, wrong shape, ...) raises `SparseADError`; the loader's
+    collate drops it and the trainer counts it (see `batch.collate`).
+    """
+
+    def __init__(self, frames: list[FrameRef], cfg: Config, train: bool):
+        self.frames = frames
+        self.cfg = cfg
+        self.grid = cfg.grid.build()
+        self.lut = target_table(cfg.labels.anomaly_tags, cfg.labels.ignore_tags)
+        self.train = train
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> Sample | SparseADError:
+        ref = self.frames[index]
+        try:
+            return self._load(index, ref)
+        except SparseADError as e:  # returned, not raised, so one bad file does not kill a worker
+            return e
+
+    def _load(self, index: int, ref: FrameRef) -> Sample:
+        frame = load_frame(ref, self.cfg.data.sensor,
+                           with_gt=ref.scenario.voxel_grid_file(ref.frame).exists())
+        variant = {"location_sign": self.cfg.transform.location_sign,
+                   "negate_rotation": self.cfg.transform.negate_rotation,
+                   "flip_y": self.cfg.transform.flip_y}
+        points = frame.grid_points(**variant)
+        if frame.gt is not None:
+            gt = GroundTruth.from_rows(frame.gt, self.grid, str(ref.scenario.voxel_grid_file(ref.frame)))
+        else:  # prediction on a split without ground truth: every target is "ignore"
+            gt = GroundTruth(np.zeros(0, np.int64), np.zeros(0, np.int64))
+        finite = np.isfinite(points).all(axis=1)
+        if not finite.all():
+            points = points[finite]
+        targets = point_targets(points, gt, self.grid, self.lut)
+        gt_has_anomaly = bool((self.lut[gt.tags] == ANOMALY).any()) if len(gt.tags) else False
+        if self.train and self.cfg.augment.enabled:
+            rng = np.random.default_rng([self.cfg.train.seed, self.epoch, index])
+            points = augment(points, self.cfg.augment, rng)
+        return Sample(index, ref.name, points, targets, gt_has_anomaly, bool((targets == ANOMALY).any()))
+
+
+def split_scenarios(frames: list[FrameRef], val_fraction: float, seed: int,
+                    label_sets: tuple = ()) -> tuple[list[FrameRef], list[FrameRef]]:
+    """Scenario-level train/val split: no frame of a validation scenario is trained on.
+
+    Anomalous and normal-only scenarios are split separately (stratified), so validation
+    has anomalies whenever the split has at least two anomalous scenarios.
+    label_sets: (anomaly_tags, ignore_tags); defaults to the AnoVox sets.
+    """
+    by_scenario: dict[str, list[FrameRef]] = {}
+    for ref in frames:
+        by_scenario.setdefault(ref.scenario.id, []).append(ref)
+    ids = sorted(by_scenario)
+    if len(ids) < 2:
+        warnings.warn("only one scenario: validation reuses it (metrics are not held-out)", stacklevel=2)
+        return frames, frames
+    rng = np.random.default_rng(seed)
+    val_ids = set()
+    lut = target_table(*label_sets) if label_sets else target_table()
+    anomalous = [i for i in ids if _scenario_has_anomaly(by_scenario[i], lut)]
+    for group in (anomalous, [i for i in ids if i not in set(anomalous)]):
+        group = list(group)
+        rng.shuffle(group)
+        k = int(round(len(group) * val_fraction))
+        if len(group) >= 2:
+            k = min(max(k, 1), len(group) - 1)
+        val_ids.update(group[:k])
+    if not val_ids:
+        val_ids = {ids[-1]}
+    train = [r for i in ids if i not in val_ids for r in by_scenario[i]]
+    val = [r for i in ids if i in val_ids for r in by_scenario[i]]
+    if not train:
+        raise SparseADError("the validation split took every scenario; lower data.val_fraction")
+    return train, val
+
+
+def _scenario_has_anomaly(refs: list[FrameRef], lut: np.ndarray, probes: int = 5) -> bool:
+    """Whether a few evenly spaced frames' VOXEL_GRIDs hold anomaly tags. Used only to
+    stratify the split, so a cheap sample is enough; unreadable files count as normal."""
+    from sparse_ad.data.files import load_voxel_grid
+
+    picks = np.unique(np.linspace(0, len(refs) - 1, min(probes, len(refs))).round().astype(int))
+    for i in picks:
+        ref = refs[i]
+        try:
+            rows = load_voxel_grid(ref.scenario.voxel_grid_file(ref.frame))
+        except SparseADError:
+            continue
+        if len(rows) and (lut[rows[:, 3]] == ANOMALY).any():
+            return True
+    return False

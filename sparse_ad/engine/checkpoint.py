@@ -1,0 +1,188 @@
+"""Training state, checkpoints and resume.
+
+A checkpoint holds only tensors and plain Python values, so it loads with
+`torch.load(weights_only=True)` (no unpickling of arbitrary objects). It is written to a
+temp file, fsynced and renamed (`sparse_ad.io.atomic_write`): a kill or a full disk during
+the write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparse_ad import __version__
+from sparse_ad.config import Config, config_to_dict
+from sparse_ad.errors import SparseADError
+from sparse_ad.io import atomic_write, atomic_write_text
+
+FORMAT = 1
+
+
+@dataclass
+class TrainState:
+    model: torch.nn.Module            # possibly DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: object
+    class_counts: list[int]
+    epoch: int = 0                    # epochs finished
+    step_in_epoch: int = 0            # steps done in the current epoch (mid-epoch stop)
+    global_step: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    threshold: float = 0.5
+    history: list = field(default_factory=list)
+    scheduler_state: dict | None = None
+
+    @property
+    def bare_model(self) -> torch.nn.Module:
+        return getattr(self.model, "module", self.model)
+
+
+def versions() -> dict:
+    import numba
+
+    out = {"sparse_ad": __version__, "torch": torch.__version__, "numpy": np.__version__,
+           "numba": numba.__version__, "cuda": torch.version.cuda}
+    try:
+        import spconv
+
+        out["spconv"] = getattr(spconv, "__version__", "?")
+    except ImportError:
+        pass
+    return out
+
+
+def save(path: Path, state: TrainState, sched, epoch: int, step_in_epoch: int, rt) -> None:
+    if not rt.is_main:
+        return
+    payload = {
+        "format": FORMAT, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": state.global_step,
+        "model": state.bare_model.state_dict(), "optimizer": state.optimizer.state_dict(),
+        "scheduler": sched.state_dict(), "scaler": state.scaler.state_dict(),
+        "best_score": state.best_score, "best_epoch": state.best_epoch, "threshold": state.threshold,
+        "class_counts": list(state.class_counts), "history": state.history,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "config": config_to_dict(rt.cfg),
+        "versions": versions(),
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write(Path(path), lambda f: f.write(buf.getbuffer()))
+
+
+def load(path: Path, map_location="cpu") -> dict:
+    """Load a checkpoint safely; a corrupt or foreign file is reported, not trusted."""
+    path = Path(path)
+    if not path.exists():
+        raise SparseADError(f"{path}: checkpoint not found")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for truncated/foreign files
+        raise SparseADError(f"{path}: corrupt or not a sparse_ad checkpoint ({type(e).__name__}); move it "
+                            "away to start fresh (best.pt may still be good)") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT or "model" not in ck:
+        raise SparseADError(f"{path}: not a sparse_ad checkpoint (format {FORMAT}); move it away to start fresh")
+    return ck
+
+
+def class_counts(cfg: Config, rt, cache_dir: Path) -> list[int]:
+    """[normal, anomaly] target voxels over the training split, counted once and cached."""
+    from sparse_ad.data.batch import collate, voxelize_batch
+    from sparse_ad.data.dataset import FrameDataset
+
+    names = [r.name for r in rt.train_set.frames]
+    key = json.dumps([names, config_to_dict(cfg)["grid"], config_to_dict(cfg)["labels"], cfg.data.sensor,
+                      config_to_dict(cfg)["transform"]])
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"class_counts_{fingerprint}.json"
+    if path.exists():
+        try:
+            return [int(v) for v in json.loads(path.read_text())["counts"]]
+        except (ValueError, KeyError, TypeError):
+            pass  # recount below
+    plain = FrameDataset(rt.train_set.frames, cfg, train=False)
+    counts = np.zeros(2, np.int64)
+    for i in range(len(plain)):
+        batch = collate([plain[i]])
+        rt.note_batch(batch)
+        if len(batch) == 0:
+            continue
+        vb = voxelize_batch(batch, rt.grid, torch.device("cpu"))
+        t = vb.targets[vb.valid]
+        counts += [int((t == 0).sum()), int((t == 1).sum())]
+    atomic_write_text(path, json.dumps({"counts": counts.tolist(), "frames": len(names)}))
+    return counts.tolist()
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+
+def build_scheduler(cfg: Config, optimizer, total_steps: int, state: dict | None):
+    if cfg.optim.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optim.lr, total_steps=total_steps + 1,
+                                                    pct_start=0.1)
+    elif cfg.optim.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    else:
+        from sparse_ad.errors import ConfigError
+
+        raise ConfigError(f"optim.schedule must be onecycle or cosine, got {cfg.optim.schedule!r}")
+    if state:
+        sched.load_state_dict(state)
+    return sched
+
+
+def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
+    """Fresh state, or the state in run_dir/last.pt when it exists (same command resumes)."""
+    from sparse_ad.losses import build_loss
+    from sparse_ad.models.spunet import build_model
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model).to(rt.device)
+    optimizer = build_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp)
+    last = Path(run_dir) / "last.pt"
+    ck = load(last, map_location=rt.device) if last.exists() else None
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        torch.set_rng_state(ck["rng"]["torch"].cpu())
+        if ck["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
+        counts = list(ck["class_counts"])
+        if rt.is_main:
+            print(f"resuming from {last} (epoch {ck['epoch']}, step {ck['step_in_epoch']} of the next epoch)")
+    else:
+        counts = class_counts(cfg, rt, run_dir)
+        if rt.is_main:
+            print(f"class counts over the training split: {counts[0]} normal / {counts[1]} anomaly voxels "
+                  f"({counts[1] / max(sum(counts), 1):.4%} anomalous)")
+        if counts[1] == 0:
+            import warnings
+
+            warnings.warn("no anomaly voxels in the training split: the model cannot learn anomalies",
+                          stacklevel=2)
+    if rt.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    state = TrainState(model=model, optimizer=optimizer, scaler=scaler,
+                       loss_fn=build_loss(cfg.loss, counts), class_counts=counts)
+    if ck is not None:
+        state.epoch, state.step_in_epoch = int(ck["epoch"]), int(ck["step_in_epoch"])
+        state.global_step = int(ck["global_step"])
+        state.best_score, state.best_epoch = float(ck["best_score"]), int(ck["best_epoch"])
+        state.threshold, state.history = float(ck["threshold"]), list(ck["history"])
+        state.scheduler_state = ck["scheduler"]
+    return state

@@ -1,0 +1,193 @@
+"""`sparse-ad eval` (a checkpoint) and `sparse-ad eval-preds` (any method's files).
+
+Both end in the same place: per frame, predicted voxels (ix, iy, iz, score) are joined to
+the frame's VOXEL_GRID by linear key and pooled in a `ProtocolAccumulator`, so our model
+and any other method are scored by exactly the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparse_ad.config import Config, _from_dict
+from sparse_ad.data.anovox import FrameRef, open_split
+from sparse_ad.data.files import load_voxel_grid, read_kv_csv
+from sparse_ad.data.labels import GroundTruth, target_table
+from sparse_ad.engine.protocol import ProtocolAccumulator, scored_voxels
+from sparse_ad.errors import SparseADError
+from sparse_ad.grid import VoxelGrid
+from sparse_ad.io import atomic_write_text, load_npy
+
+
+def prediction_file(pred_dir: Path, ref: FrameRef) -> Path:
+    """Where a frame's prediction lives: P/Scenario_<id>/VOXEL_GRID_<frame>.npy."""
+    return Path(pred_dir) / ref.scenario.path.name / f"VOXEL_GRID_{ref.frame}.npy"
+
+
+def load_prediction(path: Path, grid: VoxelGrid) -> tuple[np.ndarray, np.ndarray]:
+    """(keys (K,) int64, scores (K,) float32) from a (K, 4) prediction file, checked."""
+    pred = load_npy(path, ncols=4, kinds="fiu")
+    coords = pred[:, :3]
+    if len(pred) and (not np.isfinite(pred).all() or (coords != np.round(coords)).any()
+                      or (coords < 0).any() or (coords >= np.asarray(grid.shape)).any()):
+        raise SparseADError(f"{path}: rows must be (ix, iy, iz, score) with integer voxel indices inside the grid "
+                            f"{grid.shape} and finite scores; re-export it")
+    keys = grid.keys(coords.astype(np.int64))
+    if len(keys) != len(np.unique(keys)):
+        raise SparseADError(f"{path}: duplicate voxels; write one row per voxel")
+    return keys, pred[:, 3].astype(np.float32)
+
+
+def frame_size(ref: FrameRef):
+    """The anomaly's `size` from the frame's ANOMALY csv, or None."""
+    path = ref.scenario.anomaly_file(ref.frame)
+    if not path.exists():
+        return None
+    try:
+        return read_kv_csv(path).get("size")
+    except SparseADError as e:
+        warnings.warn(f"{e} (size unknown for by_size)", stacklevel=2)
+        return None
+
+
+def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, threshold: float = 0.5,
+                         progress: bool = True) -> dict:
+    """Score a prediction folder against a split; writes and returns the metrics JSON."""
+    from tqdm import tqdm
+
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise SparseADError(f"{pred_dir}: prediction folder not found; it must mirror the split as "
+                            "Scenario_<id>/VOXEL_GRID_<frame>.npy")
+    grid = cfg.grid.build()
+    lut = target_table(cfg.labels.anomaly_tags, cfg.labels.ignore_tags)
+    split = open_split(data, sensor_type=None, need_gt=True)
+    acc = ProtocolAccumulator()
+    missing = 0
+    for ref in tqdm(split.frames, desc="eval-preds", unit="frame", disable=not progress):
+        path = prediction_file(pred_dir, ref)
+        if not path.exists():
+            missing += 1
+            continue
+        keys, scores = load_prediction(path, grid)
+        gt_file = ref.scenario.voxel_grid_file(ref.frame)
+        gt = GroundTruth.from_rows(load_voxel_grid(gt_file), grid, str(gt_file))
+        acc.add_frame(*scored_voxels(keys, scores, gt, lut), size=frame_size(ref))
+    if acc.frames == 0:
+        raise SparseADError(f"{pred_dir}: no prediction file matches a frame of {data}; expected names like "
+                            f"{prediction_file(pred_dir, split.frames[0])}")
+    if missing:
+        warnings.warn(f"{missing} frame(s) of {data} have no prediction file and are not scored", stacklevel=2)
+    result = acc.result(threshold)
+    result["missing_predictions"] = missing
+    _write_json(Path(out), result)
+    print(format_metrics(result))
+    return result
+
+
+def load_checkpoint_model(checkpoint: Path, device: torch.device):
+    """(model in eval mode, resolved Config, checkpoint dict) from a checkpoint file."""
+    from sparse_ad.engine.checkpoint import load
+    from sparse_ad.models.spunet import build_model
+
+    ck = load(checkpoint)
+    if not ck.get("config"):
+        raise SparseADError(f"{checkpoint}: holds no config; it was not written by `sparse-ad train`")
+    cfg = _from_dict(Config, ck["config"], "")
+    model = build_model(cfg.model)
+    model.load_state_dict(ck["model"])
+    return model.to(device).eval(), cfg, ck
+
+
+def predict_frames(model, cfg: Config, refs: list[FrameRef], device: torch.device, progress: bool = True,
+                   desc: str = "predict"):
+    """Yield (ref, keys (K,) int64, coords (K, 3) int32, scores (K,) float32) per frame,
+    unaugmented, on the AnoVox grid. Frames that fail to load are skipped with a warning."""
+    from tqdm import tqdm
+
+    from sparse_ad.data.batch import collate, voxelize_batch
+    from sparse_ad.data.dataset import FrameDataset
+    from sparse_ad.engine.validate import frame_scores
+
+    ds = FrameDataset(refs, cfg, train=False)
+    grid = cfg.grid.build()
+
+    class _Rt:  # what frame_scores needs of a runtime
+        pass
+
+    rt = _Rt()
+    rt.grid, rt.device, rt.amp = grid, device, device.type == "cuda"
+    for i in tqdm(range(len(ds)), desc=desc, unit="frame", disable=not progress):
+        batch = collate([ds[i]])
+        if batch.skipped:
+            warnings.warn(f"skipping frame: {batch.skipped[0]}", stacklevel=2)
+            continue
+        vb = voxelize_batch(batch, grid, device)
+        scores = frame_scores(model, vb, rt)
+        yield refs[i], vb.keys.cpu().numpy(), vb.coords.cpu().numpy(), scores.cpu().numpy()
+
+
+def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, all_frames: bool = False,
+                        device: str = "auto", progress: bool = True) -> dict:
+    """Run a checkpoint on the held-out scenarios (or every frame) and score it."""
+    from sparse_ad.data.dataset import split_scenarios
+    from sparse_ad.engine.runtime import pick_device
+    from sparse_ad.plots import plot_curves
+
+    dev = pick_device(device)
+    model, cfg, ck = load_checkpoint_model(checkpoint, dev)
+    if data:
+        cfg.data.root = str(data)
+    from sparse_ad.engine.runtime import resolve_data_root
+
+    split = open_split(resolve_data_root(cfg), cfg.data.sensor, need_gt=True)
+    refs = split.frames
+    if not all_frames:
+        _, refs = split_scenarios(refs, cfg.data.val_fraction, cfg.data.split_seed,
+                                  (cfg.labels.anomaly_tags, cfg.labels.ignore_tags))
+    grid = cfg.grid.build()
+    lut = target_table(cfg.labels.anomaly_tags, cfg.labels.ignore_tags)
+    acc = ProtocolAccumulator()
+    for ref, keys, _, scores in predict_frames(model, cfg, refs, dev, progress, desc="eval"):
+        gt_file = ref.scenario.voxel_grid_file(ref.frame)
+        gt = GroundTruth.from_rows(load_voxel_grid(gt_file), grid, str(gt_file))
+        acc.add_frame(*scored_voxels(keys, scores, gt, lut), size=frame_size(ref))
+    threshold = float(ck.get("threshold", 0.5))
+    result = acc.result(threshold)
+    result.update({"checkpoint": str(checkpoint), "epoch": ck.get("epoch"),
+                   "frames_scope": "all" if all_frames else "held-out scenarios"})
+    out = Path(out)
+    _write_json(out / "metrics.json", result)
+    plot_curves(acc, out / "curves.png")
+    print(format_metrics(result))
+    return result
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    if path.suffix != ".json":
+        path = path / "metrics.json"
+    atomic_write_text(path, json.dumps(obj, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def format_metrics(result: dict) -> str:
+    """A small table of the two protocol sections (and sizes) for the terminal."""
+    cols = ("auroc", "aupr", "fpr95", "recall", "precision", "f1", "voxels", "anomaly_voxels")
+    head = f"{'scope':<20}" + "".join(f"{c:>15}" for c in cols)
+    lines = [head, "-" * len(head)]
+    rows = [("normality_included", result["normality_included"]), ("anomalies_only", result["anomalies_only"])]
+    rows += [(f"size: {k}", v) for k, v in result.get("by_size", {}).items()]
+    for name, m in rows:
+        cells = []
+        for c in cols:
+            v = m.get(c)
+            cells.append(f"{'n/a':>15}" if v is None or (isinstance(v, float) and np.isnan(v))
+                         else f"{v:>15.4f}" if isinstance(v, float) else f"{v:>15}")
+        lines.append(f"{name:<20}" + "".join(cells))
+    lines.append(f"threshold {result['threshold']:.4f} | frames {result['frames']} "
+                 f"({result['anomaly_frames']} with anomalies)")
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""The AnoVox evaluation protocol, shared by validation, `eval` and `eval-preds`.
+
+Only voxels present in BOTH the prediction and the ground truth are scored (joined by
+linear key), ignore tags are dropped, and scores are pooled over all frames. Results are
+reported over all frames ("normality included"), over frames whose ground truth holds
+anomaly voxels that the prediction covers ("anomalies only"), and per anomaly size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sparse_ad.data.labels import ANOMALY, IGNORE, GroundTruth, lookup_tags, targets_from_tags
+from sparse_ad.metrics import ScoreAccumulator
+
+SIZE_BUCKETS = (("small", 0.0, 1.0), ("medium", 1.0, 2.0), ("large", 2.0, math.inf))
+"""Anomaly size buckets by the largest extent (m) of the ANOMALY csv `size`."""
+
+
+def size_bucket(size) -> str | None:
+    """Bucket name for an ANOMALY csv `size` value (a number or an (x, y, z) extent)."""
+    try:
+        extent = max(float(v) for v in size) if isinstance(size, (list, tuple)) else float(size)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(extent):
+        return None
+    for name, lo, hi in SIZE_BUCKETS:
+        if lo <= extent < hi:
+            return name
+    return None
+
+
+def scored_voxels(pred_keys: np.ndarray, pred_scores: np.ndarray, gt: GroundTruth, lut: np.ndarray):
+    """(scores, labels) of predicted voxels that the GT has and does not ignore."""
+    targets = targets_from_tags(lookup_tags(pred_keys, gt), lut)
+    keep = targets != IGNORE
+    return pred_scores[keep], (targets[keep] == ANOMALY)
+
+
+@dataclass
+class ProtocolAccumulator:
+    """Streams frames in; `result(threshold)` gives the benchmark's JSON sections."""
+
+    histogram_bins: int = 0
+    frames: int = 0
+    anomaly_frames: int = 0
+    all: ScoreAccumulator = field(init=False)
+    anomalies_only: ScoreAccumulator = field(init=False)
+    by_size: dict = field(init=False)
+
+    def __post_init__(self):
+        self.all = ScoreAccumulator(histogram_bins=self.histogram_bins)
+        self.anomalies_only = ScoreAccumulator(histogram_bins=self.histogram_bins)
+        self.by_size = {}
+
+    def add_frame(self, scores: np.ndarray, labels: np.ndarray, size=None) -> None:
+        """scores: (K,) float of scored voxels; labels: (K,) bool anomaly."""
+        scores = np.asarray(scores, np.float32)
+        labels = np.asarray(labels, bool)
+        self.frames += 1
+        self.all.add(scores, labels)
+        if labels.any():
+            self.anomaly_frames += 1
+            self.anomalies_only.add(scores, labels)
+            bucket = size_bucket(size) if size is not None else None
+            if bucket:
+                if bucket not in self.by_size:
+                    self.by_size[bucket] = ScoreAccumulator(histogram_bins=self.histogram_bins)
+                self.by_size[bucket].add(scores, labels)
+
+    def result(self, threshold: float) -> dict:
+        out = {"frames": self.frames, "anomaly_frames": self.anomaly_frames, "threshold": threshold,
+               "normality_included": self.all.compute(threshold).to_dict(),
+               "anomalies_only": self.anomalies_only.compute(threshold).to_dict(),
+               "by_size": {name: self.by_size[name].compute(threshold).to_dict()
+                           for name, _, _ in SIZE_BUCKETS if name in self.by_size}}
+        return out

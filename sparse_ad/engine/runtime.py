@@ -1,0 +1,204 @@
+"""Everything a run needs that is not the model: device, seeds, DDP, data, logging.
+
+One code path for one process and for `torchrun`: the process group is set up only when
+`WORLD_SIZE` > 1 (gloo on CPU, NCCL on CUDA); rank 0 validates, logs and writes files.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparse_ad.config import Config
+from sparse_ad.data.dataset import FrameDataset, split_scenarios
+from sparse_ad.errors import ConfigError, SparseADError
+from sparse_ad.grid import VoxelGrid
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    grid: VoxelGrid
+    amp: bool
+    rank: int
+    world_size: int
+    train_set: FrameDataset
+    val_set: FrameDataset
+    cfg: Config | None = None
+    sampler: object = None
+    skipped_total: int = 0
+    frames_seen: int = 0
+    max_skip_fraction: float = 0.05
+    _skipped_examples: list = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def show_progress(self) -> bool:
+        return self.is_main and os.environ.get("SPARSE_AD_NO_PROGRESS", "") == ""
+
+    def note_batch(self, batch) -> None:
+        """Count a batch's frames and those that failed to load (warn for the first 5)."""
+        self.frames_seen += len(batch) + len(batch.skipped)
+        self.skipped_total += len(batch.skipped)
+        for m in batch.skipped:
+            if len(self._skipped_examples) < 5 and m not in self._skipped_examples:
+                self._skipped_examples.append(m)
+                warnings.warn(f"skipping frame: {m}", stacklevel=2)
+
+    def check_skipped(self) -> None:
+        """Report skipped frames; fail when more than data.max_skip_fraction were skipped."""
+        if not self.skipped_total:
+            return
+        share = self.skipped_total / max(self.frames_seen, 1)
+        if self.is_main:
+            print(f"{self.skipped_total} of {self.frames_seen} frame loads skipped ({share:.1%}); first: "
+                  f"{self._skipped_examples[0]}")
+        if share > self.max_skip_fraction:
+            raise SparseADError(f"{share:.1%} of frame loads failed, more than data.max_skip_fraction="
+                                f"{self.max_skip_fraction}; fix or remove the broken files listed above")
+
+    def broadcast(self, obj):
+        """Rank 0's object on every rank (validation runs on rank 0 only)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def tensorboard(self, run_dir: Path):
+        if not self.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            warnings.warn("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)",
+                          stacklevel=2)
+            return None
+        return SummaryWriter(str(run_dir / "tb"))
+
+    def close(self) -> None:
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise ConfigError(f"train.device must be auto, cpu or cuda, got {name!r}")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_data_root(cfg: Config) -> Path:
+    """`data.root`, or the synthetic demo split (written on first use into the cache)."""
+    if cfg.data.root:
+        return Path(cfg.data.root).expanduser()
+    from sparse_ad.synth import write_split
+
+    cache = Path(os.environ.get("SPARSE_AD_CACHE", Path.home() / ".cache" / "sparse_ad"))
+    root = cache / f"synth_s{cfg.data.synth_scenarios}_f{cfg.data.synth_frames}_seed{cfg.data.synth_seed}"
+    done = root / ".complete"
+    if not done.exists():
+        print(f"no data.root configured: writing a synthetic AnoVox-layout split to {root}")
+        write_split(root, scenarios=cfg.data.synth_scenarios, frames=cfg.data.synth_frames,
+                    seed=cfg.data.synth_seed)
+        done.write_text("ok\n")
+    return root
+
+
+def datasets(cfg: Config) -> tuple[FrameDataset, FrameDataset]:
+    from sparse_ad.data.anovox import open_split
+
+    split = open_split(resolve_data_root(cfg), cfg.data.sensor, need_gt=True)
+    frames = split.frames
+    if cfg.data.max_frames:
+        frames = frames[: cfg.data.max_frames]
+    train, val = split_scenarios(frames, cfg.data.val_fraction, cfg.data.split_seed,
+                                 (cfg.labels.anomaly_tags, cfg.labels.ignore_tags))
+    return FrameDataset(train, cfg, train=True), FrameDataset(val, cfg, train=False)
+
+
+def setup_runtime(cfg: Config, run_dir: Path) -> Runtime:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(cfg.train.device, local_rank)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    train_set, val_set = datasets(cfg)
+    rt = Runtime(device=device, grid=cfg.grid.build(), amp=cfg.train.amp and device.type == "cuda",
+                 rank=rank, world_size=world, train_set=train_set, val_set=val_set, cfg=cfg,
+                 max_skip_fraction=cfg.data.max_skip_fraction)
+    if rt.is_main:
+        print(f"device {device} | {len(train_set)} train / {len(val_set)} val frames"
+              + (f" | {world} processes" if world > 1 else ""))
+    return rt
+
+
+def make_loader(dataset: FrameDataset, cfg: Config, rt: Runtime, shuffle: bool):
+    """DataLoader with a per-epoch seeded order (DistributedSampler under DDP)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from sparse_ad.data.batch import collate
+
+    sampler = None
+    if shuffle and rt.distributed:
+        sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
+                                     seed=cfg.train.seed, drop_last=False)
+        rt.sampler = sampler
+    elif shuffle:
+        sampler = _EpochSeededSampler(dataset, cfg.train.seed)
+        rt.sampler = sampler
+    workers = cfg.data.num_workers
+    return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, shuffle=False,
+                      num_workers=workers, collate_fn=collate, persistent_workers=False,
+                      pin_memory=rt.device.type == "cuda",
+                      multiprocessing_context="fork" if workers and os.name == "posix" else None)
+
+
+class _EpochSeededSampler(torch.utils.data.Sampler):
+    """A random order that depends only on (seed, epoch): resumed runs see the same order."""
+
+    def __init__(self, dataset, seed: int):
+        self.n = len(dataset)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
+
+    def __len__(self) -> int:
+        return self.n

@@ -1,0 +1,247 @@
+"""Training: a small loop in a few phases (setup, resume, epochs of steps, validate, save).
+
+- Data: scenario-level train/val split; augmentation seeded per (seed, epoch, frame);
+  voxelization inside the step on the step's device.
+- Loss: class-balanced focal loss by default, with class counts taken once over the
+  training split's target voxels (cached in the run folder).
+- Checkpoints: `last.pt` every epoch and on SIGINT/SIGTERM, `best.pt` by validation AUPR,
+  both written atomically and loaded with `weights_only=True`; the resolved config is
+  saved beside them. Running the same command again resumes.
+- Validation reports AUROC, AUPR, FPR95, recall, detections and positive rate at a
+  threshold calibrated on validation; a collapse alarm fires when anomalies exist in
+  validation but nothing is detected.
+- DDP through torchrun (gloo on CPU, NCCL on GPU), same code path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparse_ad.config import Config, config_to_dict, save_config
+from sparse_ad.engine import checkpoint as ckpt
+from sparse_ad.engine.runtime import Runtime, make_loader, setup_runtime
+from sparse_ad.engine.validate import validate
+from sparse_ad.errors import SparseADError
+from sparse_ad.io import atomic_write_text
+
+
+@dataclass
+class StepStats:
+    loss: float = 0.0
+    steps: int = 0
+    skipped_steps: int = 0     # non-finite loss or gradients (AMP) — not trained on
+    skipped_frames: int = 0    # frames that failed to load
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves, and exits cleanly."""
+
+    def __init__(self):
+        self.set = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.set = True
+        print(f"\nsignal {signum}: finishing the current step, then saving last.pt", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: Config, run_dir: Path) -> dict:
+    """Train (or resume) into `run_dir`; returns the final summary dict."""
+    run_dir = Path(run_dir)
+    rt = setup_runtime(cfg, run_dir)
+    try:
+        return _train(cfg, run_dir, rt)
+    finally:
+        rt.close()
+
+
+def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
+    state = ckpt.resume_or_init(cfg, run_dir, rt)
+    if rt.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    loader = make_loader(rt.train_set, cfg, rt, shuffle=True)
+    total_steps = max(cfg.train.epochs * len(loader), 1)
+    sched = ckpt.build_scheduler(cfg, state.optimizer, total_steps, state.scheduler_state)
+    writer = rt.tensorboard(run_dir)
+    start = time.monotonic()
+    with _StopFlag() as stop:
+        for epoch in range(state.epoch, cfg.train.epochs):
+            rt.train_set.set_epoch(epoch)
+            if rt.sampler is not None:
+                rt.sampler.set_epoch(epoch)
+            stats = _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer)
+            if stop.set:
+                ckpt.save(run_dir / "last.pt", state, sched, epoch=epoch, step_in_epoch=state.step_in_epoch,
+                          rt=rt)
+                _log(rt, f"stopped in epoch {epoch + 1} at step {state.step_in_epoch}; last.pt saved — run the "
+                         "same command again to resume")
+                return {"stopped": True, "epoch": epoch}
+            state.step_in_epoch = 0
+            metrics = validate(cfg, rt, state.model, epoch) if rt.is_main else None
+            metrics = rt.broadcast(metrics)
+            _record_epoch(cfg, rt, run_dir, state, sched, epoch, stats, metrics, writer)
+            if cfg.train.max_minutes and (time.monotonic() - start) / 60 > cfg.train.max_minutes:
+                _log(rt, f"time budget of {cfg.train.max_minutes} min reached after epoch {epoch + 1}")
+                break
+    return _finish(cfg, rt, run_dir, state)
+
+
+def _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer) -> StepStats:
+    from tqdm import tqdm
+
+    from sparse_ad.data.batch import voxelize_batch
+
+    state.model.train()
+    stats = StepStats()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", disable=not rt.show_progress,
+               leave=False)
+    for step, batch in enumerate(bar):
+        if step < state.step_in_epoch:  # resumed mid-epoch: these steps were done before the stop
+            continue
+        stats.skipped_frames += len(batch.skipped)
+        rt.note_batch(batch)
+        if len(batch) == 0:
+            continue
+        vb = voxelize_batch(batch, rt.grid, rt.device)
+        loss, parts = _step(cfg, rt, state, vb)
+        if loss is None:
+            stats.skipped_steps += 1
+        else:
+            sched.step()
+            stats.loss += loss
+            stats.steps += 1
+            state.global_step += 1
+            if rt.is_main and state.global_step % cfg.train.log_every == 0 and writer:
+                writer.add_scalar("train/loss", loss, state.global_step)
+                writer.add_scalar("train/lr", sched.get_last_lr()[0], state.global_step)
+            bar.set_postfix(loss=f"{loss:.4f}")
+        state.step_in_epoch = step + 1
+        if stop.set:
+            break
+    return stats
+
+
+def _step(cfg, rt, state, vb) -> tuple[float | None, dict]:
+    """One optimization step. Returns (loss, parts), or (None, {}) when the step was skipped."""
+    from sparse_ad.losses import Targets
+    from sparse_ad.models.sparse_tensor import to_sparse_tensor
+
+    x = to_sparse_tensor(vb.features, vb.coords, vb.batch_index, rt.grid.shape, vb.batch_size)
+    targets = Targets(voxel=vb.targets, valid=vb.valid, batch_index=vb.batch_index.long(),
+                      frame=vb.frame_labels)
+    with torch.autocast(rt.device.type, enabled=rt.amp, dtype=torch.float16):
+        out = state.model(x)
+    loss, parts = state.loss_fn(out, targets)
+    if not torch.isfinite(loss):
+        if rt.amp:  # fp16 overflow: skip, the scaler lowers its scale
+            state.optimizer.zero_grad(set_to_none=True)
+            return None, {}
+        raise SparseADError(f"non-finite loss {loss.item()} at step {state.global_step} on frames "
+                            f"{', '.join(vb.names)}; check those files for absurd values, or lower optim.lr")
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    state.scaler.unscale_(state.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.grad_clip or math.inf)
+    if not torch.isfinite(norm):
+        if rt.amp:
+            state.scaler.update()  # the scaler skips the step and lowers its scale
+            return None, {}
+        raise SparseADError(f"non-finite gradients at step {state.global_step} on frames {', '.join(vb.names)}; "
+                            "lower optim.lr or set optim.grad_clip")
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    return float(loss.detach()), parts
+
+
+def _record_epoch(cfg, rt, run_dir, state, sched, epoch, stats, metrics, writer) -> None:
+    """Collapse alarm, history, TensorBoard, last.pt and best.pt for one finished epoch."""
+    state.epoch = epoch + 1
+    state.threshold = metrics["threshold"]
+    aupr = metrics["anomalies_only"].get("aupr")
+    score = aupr if aupr is not None and not math.isnan(aupr) else -1.0
+    improved = score > state.best_score
+    if improved:
+        state.best_score, state.best_epoch = score, epoch + 1
+    entry = {"epoch": epoch + 1, "train_loss": stats.loss / max(stats.steps, 1),
+             "skipped_steps": stats.skipped_steps, "skipped_frames": stats.skipped_frames, **metrics}
+    state.history.append(entry)
+    if not rt.is_main:
+        return
+    alarm = metrics.get("collapse")
+    na, ai = metrics["normality_included"], metrics["anomalies_only"]
+    _log(rt, f"epoch {epoch + 1}: loss {entry['train_loss']:.4f} | anomalies-only AUROC {_f(ai.get('auroc'))} "
+             f"AUPR {_f(ai.get('aupr'))} FPR95 {_f(ai.get('fpr95'))} | recall {_f(na.get('recall'))} "
+             f"detections {na.get('detections')} positive rate {_f(na.get('positive_rate'), 5)}"
+             + (" | best" if improved else ""))
+    if alarm:
+        _log(rt, f"COLLAPSE ALARM: {alarm}")
+    if writer:
+        for section in ("normality_included", "anomalies_only"):
+            for k, v in metrics[section].items():
+                if isinstance(v, (int, float)) and v is not None and not (isinstance(v, float) and math.isnan(v)):
+                    writer.add_scalar(f"val_{section}/{k}", v, epoch + 1)
+        writer.add_scalar("train/epoch_loss", entry["train_loss"], epoch + 1)
+        writer.add_scalar("val/collapse", 1.0 if alarm else 0.0, epoch + 1)
+        writer.flush()
+    ckpt.save(run_dir / "last.pt", state, sched, epoch=epoch + 1, step_in_epoch=0, rt=rt)
+    if improved:
+        ckpt.save(run_dir / "best.pt", state, sched, epoch=epoch + 1, step_in_epoch=0, rt=rt)
+    atomic_write_text(run_dir / "history.json", json.dumps(state.history, indent=2))
+
+
+def _finish(cfg, rt, run_dir, state) -> dict:
+    rt.check_skipped()
+    if not rt.is_main:
+        return {}
+    best = next((h for h in state.history if h["epoch"] == state.best_epoch), state.history[-1] if state.history
+                else None)
+    summary = {"best_epoch": state.best_epoch, "epochs": state.epoch, "best": best,
+               "skipped_frames": rt.skipped_total, "run_dir": str(run_dir),
+               "files": {"last": str(run_dir / "last.pt"), "best": str(run_dir / "best.pt"),
+                         "config": str(run_dir / "config.yaml"), "history": str(run_dir / "history.json"),
+                         "tensorboard": str(run_dir / "tb")},
+               "config": config_to_dict(cfg)}
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+    if best:
+        ai = best["anomalies_only"]
+        _log(rt, f"done: best epoch {state.best_epoch} — anomalies-only AUROC {_f(ai.get('auroc'))}, "
+                 f"AUPR {_f(ai.get('aupr'))}, FPR95 {_f(ai.get('fpr95'))}, recall {_f(ai.get('recall'))}; "
+                 f"files in {run_dir} (best.pt, last.pt, config.yaml, history.json, tb/)")
+    return summary
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(type(o).__name__)
+
+
+def _f(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+def _log(rt: Runtime, msg: str) -> None:
+    if rt.is_main:
+        print(msg, flush=True)

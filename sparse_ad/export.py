@@ -1,0 +1,49 @@
+"""`sparse-ad predict`: AnoVox benchmark files, one (K, 4) float32 .npy per frame.
+
+Layout mirrors the split: `OUT/Scenario_<id>/VOXEL_GRID_<frame>.npy` with rows
+(ix, iy, iz, score) on the AnoVox grid, so AnoVox's tools and `sparse-ad eval-preds` can
+score them. Files are written atomically and existing ones are kept, so an interrupted
+run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sparse_ad.io import atomic_save_npy
+
+
+def prediction_rows(coords: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(K, 3) int voxel coords + (K,) scores → (K, 4) float32 rows."""
+    rows = np.empty((len(coords), 4), np.float32)
+    rows[:, :3] = coords
+    rows[:, 3] = scores
+    return rows
+
+
+def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, device: str = "auto",
+                  progress: bool = True) -> int:
+    """Write prediction files for every frame of `data`; returns the number written."""
+    from sparse_ad.data.anovox import open_split
+    from sparse_ad.engine.evaluate import load_checkpoint_model, predict_frames, prediction_file
+    from sparse_ad.engine.runtime import pick_device
+
+    dev = pick_device(device)
+    model, cfg, _ = load_checkpoint_model(checkpoint, dev)
+    split = open_split(data, cfg.data.sensor, need_gt=False)
+    todo = [r for r in split.frames if not prediction_file(out, r).exists()]
+    written = 0
+    for ref, _, coords, scores in predict_frames(model, cfg, todo, dev, progress):
+        path = prediction_file(out, ref)
+        atomic_save_npy(path, prediction_rows(coords, scores))
+        written += 1
+        if bev:
+            from sparse_ad.plots import plot_bev
+
+            gt_file = ref.scenario.voxel_grid_file(ref.frame)
+            plot_bev(coords, scores, gt_file if gt_file.exists() else None, cfg,
+                     path.with_suffix(".png"), title=ref.name)
+    print(f"wrote {written} prediction file(s) under {out} ({len(split.frames) - len(todo)} already there)")
+    return written

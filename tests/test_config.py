@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sparse_ad.config import Config, config_to_dict, load_config, save_config
+from sparse_ad.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_default_yaml_matches_the_code():
+    assert yaml.safe_load((CONFIGS / "default.yaml").read_text()) == config_to_dict(Config())
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "demo.yaml", "anovox_mono.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.grid.build().shape == (1000, 1000, 64)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["train.epochs=3", "loss.kind=bce", "augment.flip_y=false", "model.channels=[8,16]"])
+    assert cfg.train.epochs == 3 and cfg.loss.kind == "bce" and cfg.augment.flip_y is False
+    assert cfg.model.channels == (8, 16)
+
+
+def test_unknown_key_lists_valid_ones():
+    with pytest.raises(ConfigError, match="valid keys: .*epochs"):
+        load_config(None, ["train.epoch=3"])
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(None, ["train.epochs=three"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["train.epochs"])
+
+
+def test_base_chain_and_save_roundtrip(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: " + str(CONFIGS / "default.yaml") + "\ntrain: {epochs: 7}\n")
+    cfg = load_config(tmp_path / "a.yaml")
+    assert cfg.train.epochs == 7 and cfg.optim.lr == Config().optim.lr
+    save_config(cfg, tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml") == cfg
+
+
+def test_missing_and_broken_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
