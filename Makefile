@@ -20,7 +20,7 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e ".[$(SPCONV),test]"
 	@touch $@
 
-test: install
+test: install lint
 	NUMBA_CACHE_DIR=$(CURDIR)/.cache/numba $(PY) -m pytest -q tests
 
 lint: install

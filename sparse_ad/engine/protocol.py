@@ -62,15 +62,15 @@ class ProtocolAccumulator:
         scores = np.asarray(scores, np.float32)
         labels = np.asarray(labels, bool)
         self.frames += 1
-        self.all.add(scores, labels)
+        self.all.update(scores, labels)
         if labels.any():
             self.anomaly_frames += 1
-            self.anomalies_only.add(scores, labels)
+            self.anomalies_only.update(scores, labels)
             bucket = size_bucket(size) if size is not None else None
             if bucket:
                 if bucket not in self.by_size:
                     self.by_size[bucket] = ScoreAccumulator(histogram_bins=self.histogram_bins)
-                self.by_size[bucket].add(scores, labels)
+                self.by_size[bucket].update(scores, labels)
 
     def result(self, threshold: float) -> dict:
         out = {"frames": self.frames, "anomaly_frames": self.anomaly_frames, "threshold": threshold,

@@ -147,8 +147,8 @@ def _step(cfg, rt, state, vb) -> tuple[float | None, dict]:
     from sparse_ad.models.sparse_tensor import to_sparse_tensor
 
     x = to_sparse_tensor(vb.features, vb.coords, vb.batch_index, rt.grid.shape, vb.batch_size)
-    targets = Targets(voxel=vb.targets, valid=vb.valid, batch_index=vb.batch_index.long(),
-                      frame=vb.frame_labels)
+    targets = Targets(voxel_targets=vb.targets, valid=vb.valid, batch_index=vb.batch_index.long(),
+                      frame_labels=vb.frame_labels)
     with torch.autocast(rt.device.type, enabled=rt.amp, dtype=torch.float16):
         out = state.model(x)
     loss, parts = state.loss_fn(out, targets)

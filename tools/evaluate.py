@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""Thin wrapper: `python tools/evaluate.py ARGS` is `sparse-ad eval ARGS` (see --help)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sparse_ad.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["eval", *sys.argv[1:]]))
