@@ -10,8 +10,9 @@ scale of the weights and the class mix of the batch. With no valid voxel the sum
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,7 +20,9 @@ import torch.nn.functional as F
 
 from sparse_ad.config import LossConfig
 from sparse_ad.errors import ConfigError
-from sparse_ad.models.spunet import SpUNetOutput
+
+if TYPE_CHECKING:  # the loss only reads two fields; importing spconv here would cost seconds
+    from sparse_ad.models.spunet import SpUNetOutput
 
 KINDS = ("focal", "bce")
 SUPERVISIONS = ("voxel", "scene", "mil")
@@ -58,7 +61,9 @@ def _elementwise(logits: torch.Tensor, targets: torch.Tensor, gamma: float) -> t
     if gamma == 0:
         return ce
     one_minus_pt = targets * torch.sigmoid(-logits) + (1 - targets) * torch.sigmoid(logits)
-    return one_minus_pt.pow(gamma) * ce
+    # clamp: d(u^γ)/du is infinite at u = 0 for γ < 1 (a saturated sigmoid), which backward
+    # would turn into NaN; the clamped elements get a zero gradient instead.
+    return one_minus_pt.clamp_min(1e-30).pow(gamma) * ce
 
 
 def weighted_voxel_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
@@ -142,10 +147,11 @@ class AnomalyLoss:
         return total, dict(zip(parts, values, strict=True))
 
 
-def build_loss(cfg: LossConfig, class_counts: Sequence[int] | None = None) -> Callable:
+def build_loss(cfg: LossConfig, class_counts: Sequence[int] | None = None) -> AnomalyLoss:
     """class_counts: (normal, anomaly) valid voxels over the training split; needed for
     kind=focal (class-balanced weights), unused by kind=bce (weights 1 and pos_weight) and by
-    supervision=mil (which balances bags against normal voxels by averaging each apart)."""
+    supervision=mil (which balances bags against normal voxels by averaging each apart, so
+    neither class weights nor pos_weight apply there)."""
     if cfg.kind not in KINDS:
         raise ConfigError(f"loss.kind: expected one of {', '.join(KINDS)}, found {cfg.kind!r}")
     if cfg.supervision not in SUPERVISIONS:

@@ -53,6 +53,15 @@ class Metrics:
         return asdict(self)
 
 
+@dataclass
+class Curves:
+    fpr: np.ndarray          # (2K+2,) ROC, from (0, 0) to (1, 1)
+    tpr: np.ndarray
+    recall: np.ndarray       # (K,) PR points, scores descending
+    precision: np.ndarray
+    thresholds: np.ndarray   # (K,) the anomaly score of each PR point
+
+
 class ScoreAccumulator:
     """Collects (score, label) of scored voxels frame by frame; `compute` gives `Metrics`."""
 
@@ -157,7 +166,40 @@ class ScoreAccumulator:
         top = int(np.searchsorted(cum, k, side="left"))
         return float(self._edges[self._hist.shape[1] - 1 - top])
 
+    def best_f1_threshold(self) -> float:
+        """The anomaly score u_k that maximizes F1 (predict anomaly iff score >= u_k); 0.5 when
+        nothing can be calibrated (no anomalies or no normals)."""
+        p = self.num_anomalies
+        if p == 0:
+            return 0.5
+        _, tp, fp, _ = self._levels()
+        k = int(np.argmax(2 * tp / (tp + fp + p)))
+        return float(self._level_scores()[k])
+
+    def curves(self) -> Curves:
+        """ROC and PR curve points, one per distinct anomaly score (descending)."""
+        p, n = self.num_anomalies, self.num_voxels - self.num_anomalies
+        if p == 0 or n == 0:
+            raise SparseADError("curves need both anomaly and normal voxels")
+        _, tp, fp, fp_eq = self._levels()
+        # ROC: before each level, a horizontal step over the normals scoring strictly above it,
+        # then a diagonal over the tied anomalies and normals at it (what sklearn's curve does).
+        fp_above = fp - fp_eq
+        tp_before = np.concatenate([[0.0], tp[:-1]])
+        fpr = np.stack([fp_above, fp], axis=1).ravel() / n
+        tpr = np.stack([tp_before, tp], axis=1).ravel() / p
+        return Curves(fpr=np.concatenate([[0.0], fpr, [1.0]]), tpr=np.concatenate([[0.0], tpr, [1.0]]),
+                      recall=tp / p, precision=tp / (tp + fp), thresholds=self._level_scores())
+
     # --- internals ------------------------------------------------------------------------
+    def _level_scores(self) -> np.ndarray:
+        """The distinct anomaly scores u_k (descending) that `_levels` describes; in histogram
+        mode the lower edge of each bin holding anomalies."""
+        if self._edges is None:
+            pos, _ = self._finalize()
+            return np.unique(pos)[::-1]
+        return self._edges[np.nonzero(self._hist[1])[0][::-1]]
+
     def _levels(self):
         """Per distinct anomaly score u_k (descending): multiplicity c_k, TP_k = #anomalies >= u_k,
         FP_k = #normals >= u_k, and #normals == u_k. All (K,) float64."""
@@ -181,14 +223,21 @@ class ScoreAccumulator:
         """(#anomalies, #normals) scoring >= threshold."""
         if self._edges is None:
             pos, neg = self._finalize()
-            return (len(pos) - int(np.searchsorted(pos, threshold, side="left")),
-                    len(neg) - int(np.searchsorted(neg, threshold, side="left")))
+            return (len(pos) - int(np.searchsorted(pos, _ceil_to(threshold, pos.dtype), side="left")),
+                    len(neg) - int(np.searchsorted(neg, _ceil_to(threshold, neg.dtype), side="left")))
         b = int(self._bin(np.array([threshold]))[0])
         return int(self._hist[1][b:].sum()), int(self._hist[0][b:].sum())
 
     def _bin(self, s: np.ndarray) -> np.ndarray:
-        """Bin b holds [edges[b], edges[b+1]); scores beyond the range go to the end bins."""
-        return np.clip(np.searchsorted(self._edges, s, side="right") - 1, 0, len(self._edges) - 2)
+        """Bin b holds [edges[b], edges[b+1]); scores beyond the range go to the end bins.
+        Arithmetic first (fast), then a one-step fix-up against the edge values themselves, so
+        a threshold equal to an edge and a score equal to it land in the same bin."""
+        e, last = self._edges, len(self._edges) - 2
+        x = np.clip(np.floor((s - e[0]) * ((last + 1) / (e[-1] - e[0]))), 0, last)
+        b = x.astype(np.int64)
+        b -= (s < e[b]) & (b > 0)
+        b += (s >= e[b + 1]) & (b < last)
+        return b
 
     def _count(self, chunks: list[np.ndarray], row: int) -> int:
         if self._edges is not None:
@@ -205,6 +254,14 @@ class ScoreAccumulator:
                 chunks[:] = [whole]
             self._dirty = False
         return self._pos[0], self._neg[0]
+
+
+def _ceil_to(value: float, dtype) -> np.generic:
+    """The smallest `dtype` number >= value, so `s >= value` and `s >= _ceil_to(value)` agree
+    for every `dtype` score s (a plain cast could round the threshold down onto a score)."""
+    with np.errstate(over="ignore"):
+        v = np.asarray(value, dtype=dtype)[()]
+    return np.nextafter(v, np.asarray(np.inf, dtype)) if float(v) < float(value) else v
 
 
 def _numpy(x) -> np.ndarray:

@@ -66,7 +66,7 @@ class VoxelBatch:
 
 def voxelize_batch(batch: Batch, grid: VoxelGrid, device: torch.device) -> VoxelBatch:
     """Voxelize every frame of `batch` on `device` and build model inputs and targets."""
-    from sparse_ad.models.spunet import voxel_features
+    from sparse_ad.models.spunet import voxel_features  # reads intensity from column 0 only
 
     parts, offsets = [], [0]
     for b, (pts, tgt) in enumerate(zip(batch.points, batch.point_targets, strict=True)):
@@ -74,9 +74,7 @@ def voxelize_batch(batch: Batch, grid: VoxelGrid, device: torch.device) -> Voxel
         if device.type == "cuda":
             labelled = torch.from_numpy(labelled).to(device, non_blocking=True)
         vox = voxelize(labelled, grid)
-        feats = torch.as_tensor(vox.features, device=device)
-        intensity_only = vox.features[:, :1]
-        vox.features = intensity_only
+        feats = torch.as_tensor(vox.features, device=device)  # intensity, is_anomaly, is_valid
         parts.append((torch.as_tensor(voxel_features(vox, grid), device=device, dtype=torch.float32),
                       torch.as_tensor(vox.coords, device=device),
                       torch.as_tensor(vox.keys, device=device),
