@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,14 +51,17 @@ class TrainState:
 def versions() -> dict:
     import numba
 
-    out = {"sparse_ad": __version__, "torch": torch.__version__, "numpy": np.__version__,
-           "numba": numba.__version__, "cuda": torch.version.cuda}
+    out = {"sparse_ad": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
+           "numba": numba.__version__, "cuda": str(torch.version.cuda)}
     try:
         import spconv
 
-        out["spconv"] = getattr(spconv, "__version__", "?")
+        out["spconv"] = str(getattr(spconv, "__version__", "?"))
     except ImportError:
         pass
+    image = os.environ.get("SPARSE_AD_IMAGE_VERSIONS")  # pip freeze of the Docker image
+    if image and Path(image).exists():
+        out["image"] = Path(image).read_text()
     return out
 
 

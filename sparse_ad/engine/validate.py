@@ -1,8 +1,8 @@
 """Validation during training: unaugmented held-out frames through the AnoVox protocol.
 
-The threshold is calibrated here (best F1 on validation) and stored in the checkpoint; the
-collapse alarm looks at the model's own decision threshold (p = 0.5) as well, because a
-calibrated threshold always finds *some* recall and would hide a collapsed model.
+The threshold is calibrated here (best F1 on validation) and stored in the checkpoint. The
+collapse alarm (`collapse_reason`) watches both what that threshold detects and whether the
+scores rank anomalies at all, since a constant output would still "calibrate" a threshold.
 """
 
 from __future__ import annotations
@@ -57,16 +57,23 @@ def validate(cfg, rt, model, epoch: int) -> dict:
 
 
 def collapse_reason(metrics: dict) -> str | None:
-    """Why the model looks collapsed, or None. Only meaningful when validation has anomalies."""
+    """Why the model looks collapsed, or None. Only meaningful when validation has anomalies.
+
+    Two signs: (1) at the calibrated threshold nothing is detected or nothing is predicted
+    positive; (2) the scores do not rank anomalies above normal voxels (AUROC ≤ 0.55 or AUPR
+    within 2x of the anomaly share, i.e. chance level). p = 0.5 is reported but not used:
+    focal-loss probabilities are not calibrated there.
+    """
     na = metrics["normality_included"]
     if not na.get("anomaly_voxels"):
         return None
-    dec = metrics["at_decision_threshold"]
-    if dec["detections"] == 0 or dec["positive_rate"] == 0:
-        return (f"validation holds {na['anomaly_voxels']} anomaly voxels but at p=0.5 the model detects none "
-                f"(recall {dec['recall']:.3f}, positive rate {dec['positive_rate']:.2e}): it predicts 'normal' "
-                "everywhere — check the loss (loss.kind=focal), the labels (check-alignment) and the lr")
-    auroc = metrics["anomalies_only"].get("auroc")
-    if auroc is not None and not np.isnan(auroc) and auroc <= 0.5:
-        return f"anomalies-only AUROC {auroc:.3f} ≤ 0.5: scores do not rank anomalies above normal voxels"
+    if not na.get("detections") or not na.get("positive_rate"):
+        return (f"validation holds {na['anomaly_voxels']} anomaly voxels but at the calibrated threshold the model "
+                f"detects {na.get('detections') or 0} (positive rate {na.get('positive_rate') or 0:.2e}): it predicts "
+                "'normal' everywhere — check the loss (loss.kind=focal), the labels (check-alignment) and the lr")
+    chance = na["anomaly_voxels"] / max(na["voxels"], 1)
+    auroc, aupr = na.get("auroc"), na.get("aupr")
+    if auroc is not None and (auroc <= 0.55 or aupr <= 2 * chance):
+        return (f"scores do not rank anomalies above normal voxels (AUROC {auroc:.3f}, AUPR {aupr:.4f} vs chance "
+                f"{chance:.4f}): the model has collapsed to a near-constant output")
     return None
