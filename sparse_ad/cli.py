@@ -219,7 +219,13 @@ def _one_line_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key.sub=value` overrides may come after options (argparse stops its positional
+    # list at the first option); collect them here, reject anything else
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not args.debug:
         _one_line_warnings()
     try:

@@ -18,7 +18,8 @@ def test_voxelize_gt_reproduces_voxel_grid_row_for_row(tiny_split, tmp_path):
     assert main(["voxelize-gt", str(src), str(out), "--location", "0", "0", "1.8"]) == 0
     rows = np.load(out, allow_pickle=False)
     assert rows.dtype == np.uint16 and np.array_equal(rows, np.load(sc / "VOXEL_GRID" / "VOXEL_GRID_100.npy"))
-    keys = rows[:, 0].astype(np.int64) + rows[:, 1] * 1000 + rows[:, 2].astype(np.int64) * 1_000_000
+    r = rows.astype(np.int64)
+    keys = r[:, 0] + r[:, 1] * 1000 + r[:, 2] * 1_000_000
     assert (np.diff(keys) > 0).all()
 
 

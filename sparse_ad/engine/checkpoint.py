@@ -133,9 +133,19 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
 
 
 def build_scheduler(cfg: Config, optimizer, total_steps: int, state: dict | None):
+    """The lr schedule; with `state` (a resumed run) it continues where the saved one stopped.
+
+    Constructing a scheduler rewrites the optimizer's lr (and OneCycle's momentum) for step 0,
+    so on resume the optimizer's own hyperparameters, already loaded from the checkpoint, are
+    put back afterwards: they are what the stopped run would have used for its next step.
+    """
+    loaded = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     if cfg.optim.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optim.lr, total_steps=total_steps + 1,
-                                                    pct_start=0.1)
+        # warm-up over 10% of the steps, but at least 2 steps: OneCycleLR divides by the
+        # length of each phase, which must not round to zero on short runs
+        total = total_steps + 1
+        sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optim.lr, total_steps=total,
+                                                    pct_start=min(0.5, max(0.1, 2.0 / total)))
     elif cfg.optim.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     else:
@@ -144,6 +154,8 @@ def build_scheduler(cfg: Config, optimizer, total_steps: int, state: dict | None
         raise ConfigError(f"optim.schedule must be onecycle or cosine, got {cfg.optim.schedule!r}")
     if state:
         sched.load_state_dict(state)
+        for group, hyper in zip(optimizer.param_groups, loaded, strict=True):
+            group.update(hyper)
     return sched
 
 

@@ -21,7 +21,10 @@ SIZE_BUCKETS = (("small", 0.0, 1.0), ("medium", 1.0, 2.0), ("large", 2.0, math.i
 
 
 def size_bucket(size) -> str | None:
-    """Bucket name for an ANOMALY csv `size` value (a number or an (x, y, z) extent)."""
+    """Bucket name for an ANOMALY csv `size` value: an (x, y, z) extent, a number (m), or a
+    CARLA size attribute already named small / medium / large."""
+    if isinstance(size, str) and size.strip().lower() in {name for name, _, _ in SIZE_BUCKETS}:
+        return size.strip().lower()
     try:
         extent = max(float(v) for v in size) if isinstance(size, (list, tuple)) else float(size)
     except (TypeError, ValueError):

@@ -7,7 +7,6 @@ scores rank anomalies at all, since a constant output would still "calibrate" a 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from sparse_ad.engine.protocol import ProtocolAccumulator

@@ -30,6 +30,8 @@ def voxelize(points, grid: VoxelGrid | None = None, labels=None) -> Voxels:
     counted in `n_nonfinite` / `n_outside`.
     """
     grid = grid or VoxelGrid()
+    if not (hasattr(points, "ndim") and hasattr(points, "shape")):
+        raise SparseADError(f"voxelize expects a numpy array or torch tensor, got {type(points).__name__}")
     if points.ndim != 2 or points.shape[1] < 3:
         raise SparseADError(f"voxelize expects points of shape (N, 3+C), got {tuple(points.shape)}")
     if labels is not None and labels.shape[0] != points.shape[0]:

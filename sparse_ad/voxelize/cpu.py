@@ -218,7 +218,8 @@ def voxelize_cpu(points: np.ndarray, grid: VoxelGrid, labels: np.ndarray | None 
     n_nonfinite, n_outside = _keys_and_slots(xyz, ox, oy, oz, grid.resolution,
                                              ex, ey, ez, nx, ny, nz, table, slot_of)
     keys = _rank_slots(table, row_of_slot)
-    acc = _scratch("acc", keys.shape[0] * (7 + feats.shape[1]), np.float64).reshape(keys.shape[0], -1)
+    width = 7 + feats.shape[1]
+    acc = _scratch("acc", keys.shape[0] * width, np.float64).reshape(keys.shape[0], width)
     point2voxel, counts, features, offsets, vlabels = _accumulate(
         xyz, feats, tags, has_tags, slot_of, row_of_slot, keys.shape[0],
         ox, oy, oz, grid.resolution, ROAD_LINE, acc)

@@ -1,0 +1,132 @@
+"""Crashes, restarts, broken files and determinism (issue: reliability)."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_ad.config import load_config
+from sparse_ad.engine import checkpoint as ckpt
+from sparse_ad.engine.train import train
+from sparse_ad.errors import SparseADError
+from sparse_ad.io import atomic_save_npy
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.num_workers=0", "model.channels=[8,16]", "model.blocks_per_level=1", "train.batch_size=2",
+        "data.val_fraction=0.5"]
+
+
+def _history(run: Path) -> list:
+    return json.loads((run / "history.json").read_text())
+
+
+def _metrics_only(history: list) -> list:
+    return [{k: v for k, v in h.items() if k not in ("skipped_frames",)} for h in history]
+
+
+def test_same_seed_same_metrics_on_cpu(tiny_split, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", "train.epochs=2", *TINY])
+    train(cfg, tmp_path / "a")
+    train(cfg, tmp_path / "b")
+    assert _history(tmp_path / "a") == _history(tmp_path / "b")
+
+
+def _train_cmd(split: Path, run: Path, epochs: int) -> list[str]:
+    return [sys.executable, "-m", "sparse_ad.cli", "train", "--config", str(ROOT / "configs/demo.yaml"),
+            "--run-dir", str(run), f"data.root={split}", f"train.epochs={epochs}", *TINY]
+
+
+def test_sigkill_then_same_command_resumes_to_the_same_metrics(tiny_split, tmp_path):
+    env = {**os.environ, "SPARSE_AD_NO_PROGRESS": "1"}
+    epochs = 3
+    ref = subprocess.run(_train_cmd(tiny_split, tmp_path / "ref", epochs), env=env, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(tiny_split, run, epochs), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up
+    proc.wait()
+    again = subprocess.run(_train_cmd(tiny_split, run, epochs), env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from" in again.stdout
+    assert _metrics_only(_history(run)) == _metrics_only(_history(tmp_path / "ref"))
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_cleanly(tiny_split, tmp_path):
+    env = {**os.environ, "SPARSE_AD_NO_PROGRESS": "1"}
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(tiny_split, run, 50), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "last.pt saved" in out
+    ck = torch.load(run / "last.pt", weights_only=True)
+    assert ck["epoch"] < 50
+
+
+def test_corrupt_last_checkpoint_is_reported_not_loaded(tmp_path):
+    p = tmp_path / "last.pt"
+    p.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    with pytest.raises(SparseADError, match="corrupt or not a sparse_ad checkpoint"):
+        ckpt.load(p)
+    torch.save({"format": 1}, p)
+    with pytest.raises(SparseADError, match="not a sparse_ad checkpoint"):
+        ckpt.load(p)
+
+
+def test_disk_full_during_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "x.npy"
+    atomic_save_npy(target, np.arange(4))
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(SparseADError, match="No space left"):
+        atomic_save_npy(target, np.arange(10))
+    assert np.array_equal(np.load(target), np.arange(4))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.npy"]  # no temp file left behind
+
+
+def test_broken_frames_are_skipped_counted_and_bounded(tiny_split, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
+    lidar = sorted(tiny_split.glob("Scenario_*/LIDAR*/*.npy"))
+    lidar[0].write_bytes(b"")  # truncated
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", "train.epochs=1",
+                                            "data.max_skip_fraction=0.5", *TINY])
+    train(cfg, tmp_path / "ok")
+    assert "frame loads skipped" in capsys.readouterr().out
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", "train.epochs=1",
+                                            "data.max_skip_fraction=0.0", *TINY])
+    with pytest.raises(SparseADError, match="max_skip_fraction"):
+        train(cfg, tmp_path / "strict")
+
+
+def test_nan_points_are_dropped_not_trained_on(tiny_split, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
+    f = sorted(tiny_split.glob("Scenario_*/LIDAR*/*.npy"))[0]
+    pts = np.load(f)
+    pts[:10, 0] = np.nan
+    pts[10:20, 2] = np.inf
+    np.save(f, pts)
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", "train.epochs=1", *TINY])
+    summary = train(cfg, tmp_path / "r")
+    assert summary["best"]["train_loss"] == pytest.approx(summary["best"]["train_loss"])  # finite
+    assert np.isfinite(summary["best"]["train_loss"])
