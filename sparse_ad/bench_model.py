@@ -1,0 +1,178 @@
+"""Training throughput and inference latency of the full step (`tools/bench_model.py`).
+
+What a user on a CUDA machine wants to know before a long run: frames/s of a training step
+(voxelize on the device + U-Net forward/backward + optimizer, AMP), peak GPU memory, and the
+latency of one inference frame (voxelize + U-Net in fp16). Inputs are LiDAR-like sweeps of
+`points` points on the AnoVox grid (`bench.lidar_cloud`), so no dataset is needed. Timings
+on CUDA use events after warm-up (median of repeats); on CPU, perf_counter. Prints a table
+and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparse_ad.bench import lidar_cloud, machine_info
+from sparse_ad.config import load_config
+from sparse_ad.data.batch import Batch, voxelize_batch
+from sparse_ad.io import atomic_write_text
+
+
+def _batch(points: int, batch_size: int, seed: int) -> Batch:
+    pts, tgts = [], []
+    for b in range(batch_size):
+        p = lidar_cloud(points, seed=seed + b).astype(np.float64)
+        t = np.zeros(len(p), np.int8)
+        t[np.linalg.norm(p[:, :2] - [12.0, 0.0], axis=1) < 1.0] = 1  # a small "anomaly" patch
+        pts.append(p)
+        tgts.append(t)
+    return Batch(list(range(batch_size)), [f"bench/{b}" for b in range(batch_size)], pts, tgts,
+                 [True] * batch_size, [True] * batch_size)
+
+
+def _timer(device: torch.device):
+    """A function returning elapsed ms of `fn()`, synchronized on CUDA."""
+    def run(fn) -> float:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return run
+
+
+def bench_model(config: str | None = None, overrides=(), points: int = 120_000, batch_size: int = 4,
+                repeats: int = 10, warmup: int = 3, device: str = "auto", seed: int = 0) -> dict:
+    from sparse_ad.engine.checkpoint import build_optimizer
+    from sparse_ad.engine.runtime import pick_device
+    from sparse_ad.engine.validate import frame_scores
+    from sparse_ad.losses import Targets, build_loss
+    from sparse_ad.models.sparse_tensor import to_sparse_tensor
+    from sparse_ad.models.spunet import build_model
+
+    cfg = load_config(config, list(overrides))
+    dev = pick_device(device)
+    amp = dev.type == "cuda" and cfg.train.amp
+    grid = cfg.grid.build()
+    torch.manual_seed(seed)
+    model = build_model(cfg.model).to(dev)
+    opt = build_optimizer(cfg, model)
+    loss_fn = build_loss(cfg.loss, [1_000_000, 1_000])
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp)
+    batch = _batch(points, batch_size, seed)
+    timed = _timer(dev)
+
+    def train_step():
+        vb = voxelize_batch(batch, grid, dev)
+        x = to_sparse_tensor(vb.features, vb.coords, vb.batch_index, grid.shape, vb.batch_size)
+        with torch.autocast(dev.type, enabled=amp, dtype=torch.float16):
+            out = model(x)
+        loss, _ = loss_fn(out, Targets(vb.targets, vb.valid, vb.batch_index.long(), vb.frame_labels))
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    one = Batch([0], ["bench/0"], batch.points[:1], batch.point_targets[:1], [True], [True])
+
+    class _Rt:
+        pass
+
+    rt = _Rt()
+    rt.grid, rt.device, rt.amp = grid, dev, dev.type == "cuda"
+
+    def infer():
+        model.eval()
+        vb = voxelize_batch(one, grid, dev)
+        frame_scores(model, vb, rt)
+        model.train()
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    results = {}
+    for name, fn in (("train_step", train_step), ("inference", infer)):
+        for _ in range(warmup):
+            timed(fn)
+        results[name] = float(np.median([timed(fn) for _ in range(repeats)]))
+    voxels = len(voxelize_batch(one, grid, torch.device("cpu")).keys)
+    out = {
+        "device": str(dev), "points_per_frame": points, "voxels_per_frame": voxels, "batch_size": batch_size,
+        "amp": amp, "model": {"channels": list(cfg.model.channels), "blocks_per_level": cfg.model.blocks_per_level},
+        "train_step_ms": results["train_step"], "train_frames_per_s": batch_size / results["train_step"] * 1e3,
+        "inference_ms_per_frame": results["inference"],
+        "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else None,
+        "repeats": repeats, "machine": machine_info(),
+    }
+    return out
+
+
+def bench_reader(root: str, frames: int = 40, config: str | None = None) -> dict:
+    """Frames/s of reading a split (npy load + GT join + augmentation) and of CPU
+    voxelization of the loaded frames, one process, one frame at a time."""
+    from sparse_ad.data.anovox import open_split
+    from sparse_ad.data.batch import collate
+    from sparse_ad.data.dataset import FrameDataset
+
+    cfg = load_config(config, [])
+    refs = open_split(root, cfg.data.sensor).frames[:frames]
+    ds = FrameDataset(refs, cfg, train=True)
+    ds[0]  # warm the JIT and the page cache of one file
+    t0 = time.perf_counter()
+    samples = [ds[i] for i in range(len(ds))]
+    t_read = time.perf_counter() - t0
+    grid = cfg.grid.build()
+    voxelize_batch(collate(samples[:1]), grid, torch.device("cpu"))
+    t0 = time.perf_counter()
+    for s in samples:
+        voxelize_batch(collate([s]), grid, torch.device("cpu"))
+    t_vox = time.perf_counter() - t0
+    pts = float(np.mean([len(s.points) for s in samples]))
+    return {"frames": len(samples), "points_per_frame": pts, "read_frames_per_s": len(samples) / t_read,
+            "voxelize_frames_per_s": len(samples) / t_vox}
+
+
+def format_table(r: dict) -> str:
+    rows = [("device", r["device"]), ("points / voxels per frame", f"{r['points_per_frame']} / {r['voxels_per_frame']}"),
+            ("batch size, AMP", f"{r['batch_size']}, {r['amp']}"),
+            ("train step (ms, median)", f"{r['train_step_ms']:.1f}"),
+            ("training throughput (frames/s)", f"{r['train_frames_per_s']:.1f}"),
+            ("inference per frame (ms)", f"{r['inference_ms_per_frame']:.1f}"),
+            ("peak GPU memory (MB)", "n/a" if r["peak_gpu_memory_mb"] is None else f"{r['peak_gpu_memory_mb']:.0f}")]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="training throughput and inference latency of sparse_ad "
+                                "(example: python tools/bench_model.py --config configs/anovox_mono.yaml)")
+    p.add_argument("--config", default=None)
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument("--points", type=int, default=120_000)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data", default=None, help="also time reading + voxelizing this split's frames")
+    p.add_argument("--out", type=Path, default=Path("runs/bench/model.json"))
+    a = p.parse_args(argv)
+    r = bench_model(a.config, a.overrides, a.points, a.batch_size, a.repeats, device=a.device)
+    print(format_table(r))
+    if a.data:
+        r["reader"] = bench_reader(a.data, config=a.config)
+        rd = r["reader"]
+        print(f"reader: {rd['read_frames_per_s']:.1f} frames/s read+label+augment, "
+              f"{rd['voxelize_frames_per_s']:.1f} frames/s voxelize (CPU, one process, "
+              f"{rd['points_per_frame']:.0f} points/frame)")
+    atomic_write_text(a.out, json.dumps(r, indent=2))
+    print(f"wrote {a.out}")
+    return 0
