@@ -143,7 +143,8 @@ def bench_reader(root: str, frames: int = 40, config: str | None = None) -> dict
 
 
 def format_table(r: dict) -> str:
-    rows = [("device", r["device"]), ("points / voxels per frame", f"{r['points_per_frame']} / {r['voxels_per_frame']}"),
+    rows = [("device", r["device"]),
+            ("points / voxels per frame", f"{r['points_per_frame']} / {r['voxels_per_frame']}"),
             ("batch size, AMP", f"{r['batch_size']}, {r['amp']}"),
             ("train step (ms, median)", f"{r['train_step_ms']:.1f}"),
             ("training throughput (frames/s)", f"{r['train_frames_per_s']:.1f}"),
