@@ -74,6 +74,8 @@ def load_npy(path: Path, *, ncols: int | None = None, kinds: str = "fiu",
         raise SparseADError(f"{path}: not a readable .npy file ({e}); re-export or delete it") from None
     except (OSError, EOFError) as e:
         raise SparseADError(f"{path}: truncated or not a .npy file ({e}); re-export or delete it") from None
+    except Exception as e:  # noqa: BLE001 - numpy's header parser raises SyntaxError, TokenError, ...
+        raise SparseADError(f"{path}: corrupt .npy header ({type(e).__name__}); re-export or delete it") from None
     if not isinstance(arr, np.ndarray) or arr.dtype.kind not in kinds:
         raise SparseADError(f"{path}: expected a numeric array (dtype kind in {kinds!r}), "
                             f"got dtype {getattr(arr, 'dtype', type(arr))}; re-export it")
