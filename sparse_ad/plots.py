@@ -19,6 +19,20 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    """Write a figure as PNG (atomically) and free it."""
+    import io as _io
+
+    from sparse_ad.io import atomic_write
+
+    fig.tight_layout()
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
+    return Path(path)
+
+
 def plot_curves(acc, path: Path) -> Path | None:
     """PR and ROC curves of a ProtocolAccumulator's two sections; None if nothing to draw."""
     sections = [("normality included", acc.all), ("anomalies only", acc.anomalies_only)]
@@ -38,12 +52,7 @@ def plot_curves(acc, path: Path) -> Path | None:
     for ax in (ax_pr, ax_roc):
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right" if ax is ax_roc else "lower left", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_bev(coords: np.ndarray, scores: np.ndarray, gt_file: Path | None, cfg, path: Path,
@@ -75,9 +84,4 @@ def plot_bev(coords: np.ndarray, scores: np.ndarray, gt_file: Path | None, cfg, 
     ax.set(xlim=(-half_width_m, half_width_m), ylim=(-half_width_m, half_width_m), aspect="equal",
            xlabel="x forward (m)", ylabel="y left (m)", title=title)
     ax.legend(loc="upper right", fontsize=7, markerscale=2)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
