@@ -47,7 +47,9 @@ def test_predict_then_eval_preds_equals_eval(trained, tmp_path):
     cfg, run, _ = trained
     ev = evaluate_checkpoint(run / "best.pt", tmp_path / "eval", all_frames=True, progress=False)
     preds = tmp_path / "preds"
-    assert predict_split(run / "best.pt", cfg.data.root, preds, progress=False) == 12
+    assert (tmp_path / "eval" / "curves.png").stat().st_size > 1000
+    assert predict_split(run / "best.pt", cfg.data.root, preds, bev=True, progress=False) == 12
+    assert len(list(preds.glob("Scenario_*/VOXEL_GRID_*.png"))) == 12
     f = next(preds.glob("Scenario_*/VOXEL_GRID_*.npy"))
     rows = np.load(f, allow_pickle=False)
     assert rows.dtype == np.float32 and rows.shape[1] == 4

@@ -195,6 +195,9 @@ def _record_epoch(cfg, rt, run_dir, state, sched, epoch, stats, metrics, writer)
              + (" | best" if improved else ""))
     if alarm:
         _log(rt, f"COLLAPSE ALARM: {alarm}")
+    if not na.get("anomaly_voxels") and epoch == state.history[0]["epoch"] - 1:
+        _log(rt, "warning: no anomaly voxels in validation: the metrics above are normality-only; raise "
+                 "data.val_fraction or add anomaly scenarios")
     if writer:
         for section in ("normality_included", "anomalies_only"):
             for k, v in metrics[section].items():
