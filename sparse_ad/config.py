@@ -59,6 +59,7 @@ class DataConfig:
     synth_scenarios: int = 8
     synth_frames: int = 10
     synth_seed: int = 0
+    synth_anomaly_share: float = 0.6
 
 
 @dataclass

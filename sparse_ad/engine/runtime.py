@@ -124,12 +124,13 @@ def resolve_data_root(cfg: Config) -> Path:
     from sparse_ad.synth import write_split
 
     cache = Path(os.environ.get("SPARSE_AD_CACHE", Path.home() / ".cache" / "sparse_ad"))
-    root = cache / f"synth_s{cfg.data.synth_scenarios}_f{cfg.data.synth_frames}_seed{cfg.data.synth_seed}"
+    d = cfg.data
+    root = cache / f"synth_s{d.synth_scenarios}_f{d.synth_frames}_a{d.synth_anomaly_share:g}_seed{d.synth_seed}"
     done = root / ".complete"
     if not done.exists():
         print(f"no data.root configured: writing a synthetic AnoVox-layout split to {root}")
-        write_split(root, scenarios=cfg.data.synth_scenarios, frames=cfg.data.synth_frames,
-                    seed=cfg.data.synth_seed)
+        write_split(root, scenarios=d.synth_scenarios, frames=d.synth_frames, seed=d.synth_seed,
+                    anomaly_share=d.synth_anomaly_share, progress=os.environ.get("SPARSE_AD_NO_PROGRESS", "") == "")
         done.write_text("ok\n")
     return root
 
