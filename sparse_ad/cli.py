@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--threshold", type=float, default=0.5, help="score threshold for recall/precision/F1")
+    p.add_argument("--histogram-bins", type=int, default=0,
+                   help="approximate metrics with this many score bins over [0, 1] (flat memory for huge splits)")
     _add_config_args(p)
 
     p = _sub(subs, "predict", "write AnoVox prediction files (one (K, 4) .npy per frame)",
@@ -176,7 +178,8 @@ def _cmd_eval_preds(args):
     from sparse_ad.engine.evaluate import evaluate_predictions
 
     cfg = load_config(args.config, args.overrides)
-    evaluate_predictions(args.pred_dir, args.data, args.out, cfg, threshold=args.threshold)
+    evaluate_predictions(args.pred_dir, args.data, args.out, cfg, threshold=args.threshold,
+                         histogram_bins=args.histogram_bins)
     return 0
 
 

@@ -109,6 +109,7 @@ class TrainConfig:
     deterministic: bool = False
     log_every: int = 20
     max_minutes: float = 0.0       # 0 = no time budget
+    cpu_threads: int = 0           # torch threads on CPU; 0 = torch's default
 
 
 @dataclass

@@ -84,3 +84,23 @@ def test_eval_preds_protocol_on_crafted_grid(tiny_split, tmp_path):
     assert na["voxels"] == len(gt) and na["anomaly_voxels"] == int(anomalous.sum())
     assert na["auroc"] == 1.0 and na["aupr"] == 1.0 and na["recall"] == 1.0 and na["precision"] == 1.0
     assert res["frames"] == 1 and res["missing_predictions"] == len(split.frames) - 1
+
+
+def test_eval_preds_histogram_mode_matches_exact_on_binned_scores(tiny_split, tmp_path):
+    from sparse_ad.data.anovox import open_split
+    from sparse_ad.engine.evaluate import prediction_file
+
+    cfg = load_config(None, [])
+    rng = np.random.default_rng(0)
+    for ref in open_split(tiny_split, None).frames:
+        gt = np.load(ref.scenario.voxel_grid_file(ref.frame))
+        scores = np.clip(np.round((gt[:, 3] == 29) * 0.6 + rng.uniform(0, 0.5, len(gt)), 2), 0, 1)
+        path = prediction_file(tmp_path / "p", ref)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, np.c_[gt[:, :3], scores].astype(np.float32))
+    exact = evaluate_predictions(tmp_path / "p", tiny_split, tmp_path / "e.json", cfg, progress=False)
+    binned = evaluate_predictions(tmp_path / "p", tiny_split, tmp_path / "b.json", cfg, progress=False,
+                                  histogram_bins=100_000)
+    for key in ("auroc", "aupr", "fpr95", "recall", "voxels"):
+        assert binned["normality_included"][key] == pytest.approx(exact["normality_included"][key], abs=1e-4)
+    assert binned["normality_included"]["exact"] is False

@@ -86,6 +86,12 @@ class FrameDataset:
             return self._load(index, ref)
         except SparseADError as e:  # returned, not raised, so one bad file does not kill a worker
             return e
+        except MemoryError:
+            raise SparseADError(f"frame {ref.name}: out of memory while loading it; lower data.num_workers "
+                                "or train.batch_size") from None
+        except Exception as e:  # a bug or an unforeseen file problem: name the frame, keep the cause
+            raise RuntimeError(f"while loading frame {ref.name} ({ref.scenario.path}): "
+                               f"{type(e).__name__}: {e}") from e
 
     def _load(self, index: int, ref: FrameRef) -> Sample:
         frame = load_frame(ref, self.cfg.data.sensor,

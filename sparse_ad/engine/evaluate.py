@@ -56,8 +56,11 @@ def frame_size(ref: FrameRef):
 
 
 def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, threshold: float = 0.5,
-                         progress: bool = True) -> dict:
-    """Score a prediction folder against a split; writes and returns the metrics JSON."""
+                         progress: bool = True, histogram_bins: int = 0) -> dict:
+    """Score a prediction folder against a split; writes and returns the metrics JSON.
+
+    Exact by default (memory: 4 bytes per scored voxel); `histogram_bins` > 0 bins scores
+    over [0, 1] instead, for flat memory on very large splits (then approximate)."""
     from tqdm import tqdm
 
     pred_dir = Path(pred_dir)
@@ -67,7 +70,7 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
     grid = cfg.grid.build()
     lut = target_table(cfg.labels.anomaly_tags, cfg.labels.ignore_tags)
     split = open_split(data, sensor_type=None, need_gt=True)
-    acc = ProtocolAccumulator()
+    acc = ProtocolAccumulator(histogram_bins=histogram_bins)
     missing = 0
     for ref in tqdm(split.frames, desc="eval-preds", unit="frame", disable=not progress):
         path = prediction_file(pred_dir, ref)

@@ -56,9 +56,13 @@ class ProtocolAccumulator:
     by_size: dict = field(init=False)
 
     def __post_init__(self):
-        self.all = ScoreAccumulator(histogram_bins=self.histogram_bins)
-        self.anomalies_only = ScoreAccumulator(histogram_bins=self.histogram_bins)
+        self.all = self._new()
+        self.anomalies_only = self._new()
         self.by_size = {}
+
+    def _new(self) -> ScoreAccumulator:
+        """Exact, or binned over [0, 1] (scores here are probabilities) for flat memory."""
+        return ScoreAccumulator(histogram_bins=self.histogram_bins, score_range=(0.0, 1.0 + 1e-6))
 
     def add_frame(self, scores: np.ndarray, labels: np.ndarray, size=None) -> None:
         """scores: (K,) float of scored voxels; labels: (K,) bool anomaly."""
@@ -72,7 +76,7 @@ class ProtocolAccumulator:
             bucket = size_bucket(size) if size is not None else None
             if bucket:
                 if bucket not in self.by_size:
-                    self.by_size[bucket] = ScoreAccumulator(histogram_bins=self.histogram_bins)
+                    self.by_size[bucket] = self._new()
                 self.by_size[bucket].update(scores, labels)
 
     def result(self, threshold: float) -> dict:

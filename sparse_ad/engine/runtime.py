@@ -155,6 +155,9 @@ def setup_runtime(cfg: Config, run_dir: Path) -> Runtime:
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     seed_everything(cfg.train.seed, cfg.train.deterministic)
+    if device.type == "cpu" and cfg.train.cpu_threads > 0:
+        # spconv's CPU kernels are many small GEMMs: extra threads mostly add contention
+        torch.set_num_threads(cfg.train.cpu_threads)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     train_set, val_set = datasets(cfg)
     rt = Runtime(device=device, grid=cfg.grid.build(), amp=cfg.train.amp and device.type == "cuda",
