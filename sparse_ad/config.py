@@ -86,7 +86,7 @@ class LossConfig:
     kind: str = "focal"            # focal | bce
     supervision: str = "voxel"     # voxel | scene | mil
     gamma: float = 2.0
-    beta: float = 0.9999           # class-balanced effective-number beta
+    beta: float = 0.999999         # class-balanced effective-number beta (chosen by experiment, README)
     pos_weight: float = 3.0        # only for kind=bce
     scene_weight: float = 1.0      # weight of the frame-level term (added whenever model.scene_head)
 
