@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bev", action="store_true", help="also write bird's-eye PNGs")
 
     p = _sub(subs, "bench-voxelize", "benchmark the voxelizer (prints a table, writes JSON)",
-             "sparse-ad bench-voxelize --sizes 120000 1000000 --out bench.json")
+             "sparse-ad bench-voxelize --sizes 120000,1000000 --out bench.json")
     from sparse_ad.bench import add_bench_args
 
     add_bench_args(p)

@@ -127,3 +127,22 @@ def test_semantic_pcd_with_cityscapes_colours(tmp_path):
     assert pts[:, 3].tolist() == [1, 29, 0]  # road, anomaly, unknown colour → unlabeled
     assert any("Cityscapes" in str(x.message) for x in w)
     assert np.allclose(pts[:, :3], xyz)
+
+
+def test_duplicate_frame_ids_are_dropped_with_a_warning(tiny_split):
+    sc = sorted(tiny_split.glob("Scenario_*"))[0]
+    src = sc / MONO / f"{MONO}_100.npy"
+    (sc / MONO / f"{MONO}_0100.npy").write_bytes(src.read_bytes())
+    with pytest.warns(UserWarning, match="more than one file name"):
+        split = open_split(tiny_split)
+    assert 100 not in [f.frame for f in split.frames if f.scenario.path == sc]
+
+
+def test_non_utf8_folder_names_do_not_break_discovery(tiny_split):
+    import os
+
+    os.mkdir(os.path.join(os.fsencode(tiny_split), b"Scenario_\xff\xfe-bad"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = open_split(tiny_split)
+    assert len(split.scenarios) == 4  # the empty, oddly named scenario has no frames

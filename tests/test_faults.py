@@ -130,3 +130,22 @@ def test_nan_points_are_dropped_not_trained_on(tiny_split, tmp_path, monkeypatch
     summary = train(cfg, tmp_path / "r")
     assert summary["best"]["train_loss"] == pytest.approx(summary["best"]["train_loss"])  # finite
     assert np.isfinite(summary["best"]["train_loss"])
+
+
+def test_a_dying_loader_worker_is_reported_with_its_frames(tiny_split, tmp_path, monkeypatch):
+    """A worker killed by a signal (here: SIGKILL on itself) names the frames it may have held."""
+    from sparse_ad.data import dataset as ds_mod
+
+    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
+    original = ds_mod.FrameDataset._load
+
+    def crash(self, index, ref):
+        if self.train and index == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, index, ref)
+
+    monkeypatch.setattr(ds_mod.FrameDataset, "_load", crash)
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", "train.epochs=1", *TINY,
+                                            "data.num_workers=1"])
+    with pytest.raises(SparseADError, match="data loader worker died.*frames: .*/10"):
+        train(cfg, tmp_path / "r")

@@ -162,7 +162,9 @@ def open_split(root: str | Path, sensor_type: str | None = "LIDAR", need_gt: boo
 
 
 def _frames_in(folder: Path, prefix: str, ending: str) -> set[int]:
-    frames = set()
+    """Frame ids of `<prefix><frame><ending>` files. Two files with the same id (e.g.
+    `_0100` and `_100`) are ambiguous: that frame is dropped with a warning."""
+    frames, duplicates = set(), set()
     try:
         names = [p.name for p in folder.iterdir()]
     except OSError:
@@ -171,8 +173,11 @@ def _frames_in(folder: Path, prefix: str, ending: str) -> set[int]:
         if name.startswith(prefix) and name.endswith(ending):
             middle = name[len(prefix):len(name) - len(ending)]
             if middle.isdigit():
-                frames.add(int(middle))
-    return frames
+                (duplicates if int(middle) in frames else frames).add(int(middle))
+    if duplicates:
+        warnings.warn(f"{folder}: frame id(s) {sorted(duplicates)[:5]} appear in more than one file name; "
+                      "those frames are skipped — remove the extra files", stacklevel=3)
+    return frames - duplicates
 
 
 def _open_scenario(folder: Path) -> Scenario:

@@ -109,36 +109,60 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
 def _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer) -> StepStats:
     from tqdm import tqdm
 
-    from sparse_ad.data.batch import voxelize_batch
-
     state.model.train()
     stats = StepStats()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", disable=not rt.show_progress,
                leave=False)
-    for step, batch in enumerate(bar):
-        if step < state.step_in_epoch:  # resumed mid-epoch: these steps were done before the stop
-            continue
-        stats.skipped_frames += len(batch.skipped)
-        rt.note_batch(batch)
-        if len(batch) == 0:
-            continue
-        vb = voxelize_batch(batch, rt.grid, rt.device)
-        loss, parts = _step(cfg, rt, state, vb)
-        if loss is None:
-            stats.skipped_steps += 1
-        else:
-            sched.step()
-            stats.loss += loss
-            stats.steps += 1
-            state.global_step += 1
-            if rt.is_main and state.global_step % cfg.train.log_every == 0 and writer:
-                writer.add_scalar("train/loss", loss, state.global_step)
-                writer.add_scalar("train/lr", sched.get_last_lr()[0], state.global_step)
-            bar.set_postfix(loss=f"{loss:.4f}")
-        state.step_in_epoch = step + 1
-        if stop.set:
-            break
+    step = 0
+    try:
+        for step, batch in enumerate(bar):
+            if step < state.step_in_epoch:  # resumed mid-epoch: these steps were done before the stop
+                continue
+            _train_one(cfg, rt, state, sched, batch, stats, writer, bar)
+            state.step_in_epoch = step + 1
+            if stop.set:
+                break
+    except RuntimeError as e:
+        if "DataLoader worker" in str(e):
+            raise _worker_died(e, loader, cfg, step) from None
+        raise
     return stats
+
+
+def _train_one(cfg, rt, state, sched, batch, stats, writer, bar) -> None:
+    """Voxelize one loaded batch on the device and take one optimization step."""
+    from sparse_ad.data.batch import voxelize_batch
+
+    stats.skipped_frames += len(batch.skipped)
+    rt.note_batch(batch)
+    if len(batch) == 0:
+        return
+    vb = voxelize_batch(batch, rt.grid, rt.device)
+    loss, _ = _step(cfg, rt, state, vb)
+    if loss is None:
+        stats.skipped_steps += 1
+        return
+    sched.step()
+    stats.loss += loss
+    stats.steps += 1
+    state.global_step += 1
+    if rt.is_main and state.global_step % cfg.train.log_every == 0 and writer:
+        writer.add_scalar("train/loss", loss, state.global_step)
+        writer.add_scalar("train/lr", sched.get_last_lr()[0], state.global_step)
+    bar.set_postfix(loss=f"{loss:.4f}")
+
+
+def _worker_died(e: RuntimeError, loader, cfg, step: int) -> SparseADError:
+    """A loader worker process died (segfault, OOM kill): torch raises wherever the main
+    process is. Name the frames it may have been loading: the next batches of this epoch's
+    fixed order."""
+    order = list(loader.sampler) if loader.sampler is not None else list(range(len(loader.dataset)))
+    ahead = max(cfg.data.num_workers, 1) * 2 + 1
+    idx = order[step * cfg.train.batch_size:(step + ahead) * cfg.train.batch_size]
+    names = [loader.dataset.frames[i].name for i in idx]
+    return SparseADError(f"a data loader worker died ({str(e).splitlines()[0]}) while loading one of these "
+                         f"frames: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}; check them, or run "
+                         "with data.num_workers=0 to see the error directly")
 
 
 def _step(cfg, rt, state, vb) -> tuple[float | None, dict]:
