@@ -86,16 +86,10 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
 
     one = Batch([0], ["bench/0"], batch.points[:1], batch.point_targets[:1], [True], [True])
 
-    class _Rt:
-        pass
-
-    rt = _Rt()
-    rt.grid, rt.device, rt.amp = grid, dev, dev.type == "cuda"
-
     def infer():
         model.eval()
         vb = voxelize_batch(one, grid, dev)
-        frame_scores(model, vb, rt)
+        frame_scores(model, vb, grid, amp)
         model.train()
 
     if dev.type == "cuda":

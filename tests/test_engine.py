@@ -104,3 +104,12 @@ def test_eval_preds_histogram_mode_matches_exact_on_binned_scores(tiny_split, tm
     for key in ("auroc", "aupr", "fpr95", "recall", "voxels"):
         assert binned["normality_included"][key] == pytest.approx(exact["normality_included"][key], abs=1e-4)
     assert binned["normality_included"]["exact"] is False
+
+
+def test_bench_model_smoke():
+    from sparse_ad.bench_model import bench_model, format_table
+
+    r = bench_model(None, ["model.channels=[8,16]", "model.blocks_per_level=1"], points=4000, batch_size=1,
+                    repeats=1, warmup=0, device="cpu")
+    assert r["train_frames_per_s"] > 0 and r["inference_ms_per_frame"] > 0 and r["voxels_per_frame"] > 100
+    assert "training throughput" in format_table(r)

@@ -119,19 +119,13 @@ def predict_frames(model, cfg: Config, refs: list[FrameRef], device: torch.devic
 
     ds = FrameDataset(refs, cfg, train=False)
     grid = cfg.grid.build()
-
-    class _Rt:  # what frame_scores needs of a runtime
-        pass
-
-    rt = _Rt()
-    rt.grid, rt.device, rt.amp = grid, device, device.type == "cuda"
     for i in tqdm(range(len(ds)), desc=desc, unit="frame", disable=not progress):
         batch = collate([ds[i]])
         if batch.skipped:
             warnings.warn(f"skipping frame: {batch.skipped[0]}", stacklevel=2)
             continue
         vb = voxelize_batch(batch, grid, device)
-        scores = frame_scores(model, vb, rt)
+        scores = frame_scores(model, vb, grid, amp=device.type == "cuda")
         yield refs[i], vb.keys.cpu().numpy(), vb.coords.cpu().numpy(), scores.cpu().numpy()
 
 

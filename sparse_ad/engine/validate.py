@@ -15,12 +15,12 @@ DECISION_THRESHOLD = 0.5
 
 
 @torch.no_grad()
-def frame_scores(model, vb, rt) -> torch.Tensor:
-    """Anomaly probability (M,) float32 for every voxel of a VoxelBatch."""
+def frame_scores(model, vb, grid, amp: bool) -> torch.Tensor:
+    """Anomaly probability (M,) float32 for every voxel of a VoxelBatch (on its device)."""
     from sparse_ad.models.sparse_tensor import to_sparse_tensor
 
-    x = to_sparse_tensor(vb.features, vb.coords, vb.batch_index, rt.grid.shape, vb.batch_size)
-    with torch.autocast(rt.device.type, enabled=rt.amp, dtype=torch.float16):
+    x = to_sparse_tensor(vb.features, vb.coords, vb.batch_index, grid.shape, vb.batch_size)
+    with torch.autocast(vb.features.device.type, enabled=amp, dtype=torch.float16):
         out = model(x)
     return torch.sigmoid(out.voxel_logits.float())
 
@@ -40,7 +40,7 @@ def validate(cfg, rt, model, epoch: int) -> dict:
         if len(batch) == 0:
             continue
         vb = voxelize_batch(batch, rt.grid, rt.device)
-        scores = frame_scores(model, vb, rt).cpu().numpy()
+        scores = frame_scores(model, vb, rt.grid, rt.amp).cpu().numpy()
         valid, targets = vb.valid.cpu().numpy(), vb.targets.cpu().numpy() > 0
         for b in range(vb.batch_size):
             rows = slice(vb.offsets[b], vb.offsets[b + 1])
