@@ -149,3 +149,17 @@ def test_a_dying_loader_worker_is_reported_with_its_frames(tiny_split, tmp_path,
                                             "data.num_workers=1"])
     with pytest.raises(SparseADError, match="data loader worker died.*frames: .*/10"):
         train(cfg, tmp_path / "r")
+
+
+def test_ddp_through_torchrun_on_cpu(tiny_split, tmp_path):
+    """Two gloo processes, one code path: rank 0 validates and writes, both train."""
+    env = {**os.environ, "SPARSE_AD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(ROOT / "tools/train.py"), "--config",
+                        str(ROOT / "configs/demo.yaml"), "--run-dir", str(run), f"data.root={tiny_split}",
+                        "train.epochs=1", *TINY], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 processes" in r.stdout
+    assert [h["epoch"] for h in _history(run)] == [1]
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1

@@ -97,7 +97,8 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
                          "same command again to resume")
                 return {"stopped": True, "epoch": epoch}
             state.step_in_epoch = 0
-            metrics = validate(cfg, rt, state.model, epoch) if rt.is_main else None
+            # the bare module: a DDP forward would start collectives that rank 0 runs alone
+            metrics = validate(cfg, rt, state.bare_model, epoch) if rt.is_main else None
             metrics = rt.broadcast(metrics)
             _record_epoch(cfg, rt, run_dir, state, sched, epoch, stats, metrics, writer)
             if cfg.train.max_minutes and (time.monotonic() - start) / 60 > cfg.train.max_minutes:
