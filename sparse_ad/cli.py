@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="split root (default: the checkpoint's config)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--all-frames", action="store_true", help="score every frame, not only held-out scenarios")
+    p.add_argument("--histogram-bins", type=int, default=0,
+                   help="approximate metrics with this many score bins over [0, 1] (flat memory for huge splits)")
 
     p = _sub(subs, "eval-preds", "score any method's prediction files with the AnoVox protocol",
              "sparse-ad eval-preds --pred-dir preds/ --data /data/AnoVox_Town07 --out metrics.json")
@@ -169,7 +171,8 @@ def _cmd_train(args):
 def _cmd_eval(args):
     from sparse_ad.engine.evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(args.checkpoint, args.out, data=args.data, all_frames=args.all_frames)
+    evaluate_checkpoint(args.checkpoint, args.out, data=args.data, all_frames=args.all_frames,
+                        histogram_bins=args.histogram_bins)
     return 0
 
 

@@ -48,6 +48,10 @@ def test_predict_then_eval_preds_equals_eval(trained, tmp_path):
     ev = evaluate_checkpoint(run / "best.pt", tmp_path / "eval", all_frames=True, progress=False)
     preds = tmp_path / "preds"
     assert (tmp_path / "eval" / "curves.png").stat().st_size > 1000
+    binned = evaluate_checkpoint(run / "best.pt", tmp_path / "evalb", all_frames=True, progress=False,
+                                 histogram_bins=200_000)
+    assert binned["anomalies_only"]["auroc"] == pytest.approx(ev["anomalies_only"]["auroc"], abs=1e-3)
+    assert binned["anomalies_only"]["exact"] is False
     assert predict_split(run / "best.pt", cfg.data.root, preds, bev=True, progress=False) == 12
     assert len(list(preds.glob("Scenario_*/VOXEL_GRID_*.png"))) == 12
     f = next(preds.glob("Scenario_*/VOXEL_GRID_*.npy"))

@@ -130,8 +130,9 @@ def predict_frames(model, cfg: Config, refs: list[FrameRef], device: torch.devic
 
 
 def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, all_frames: bool = False,
-                        device: str = "auto", progress: bool = True) -> dict:
-    """Run a checkpoint on the held-out scenarios (or every frame) and score it."""
+                        device: str = "auto", progress: bool = True, histogram_bins: int = 0) -> dict:
+    """Run a checkpoint on the held-out scenarios (or every frame) and score it (exact, or
+    binned with flat memory when `histogram_bins` > 0)."""
     from sparse_ad.data.dataset import split_scenarios
     from sparse_ad.engine.runtime import pick_device
     from sparse_ad.plots import plot_curves
@@ -149,7 +150,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, a
                                   (cfg.labels.anomaly_tags, cfg.labels.ignore_tags))
     grid = cfg.grid.build()
     lut = target_table(cfg.labels.anomaly_tags, cfg.labels.ignore_tags)
-    acc = ProtocolAccumulator()
+    acc = ProtocolAccumulator(histogram_bins=histogram_bins)
     for ref, keys, _, scores in predict_frames(model, cfg, refs, dev, progress, desc="eval"):
         gt_file = ref.scenario.voxel_grid_file(ref.frame)
         gt = GroundTruth.from_rows(load_voxel_grid(gt_file), grid, str(gt_file))
