@@ -163,3 +163,24 @@ def test_ddp_through_torchrun_on_cpu(tiny_split, tmp_path):
     assert "2 processes" in r.stdout
     assert [h["epoch"] for h in _history(run)] == [1]
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_non_finite_loss_stops_with_step_frames_and_hint(tiny_split, tmp_path, monkeypatch):
+    from sparse_ad.engine import checkpoint as ck_mod
+
+    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
+    real_build = ck_mod.TrainState
+
+    class NanLoss:
+        def __call__(self, out, targets):
+            return out.voxel_logits.sum() * float("nan"), {}
+
+    def state_with_nan_loss(*a, **k):
+        k["loss_fn"] = NanLoss()
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(ck_mod, "TrainState", state_with_nan_loss)
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", "train.epochs=1", *TINY])
+    with pytest.raises(SparseADError, match=r"non-finite loss nan at step 0 on frames .*/10.*optim.lr"):
+        train(cfg, tmp_path / "r")
+    assert not (tmp_path / "r" / "last.pt").exists()  # nothing trained on garbage was saved
