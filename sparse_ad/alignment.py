@@ -19,7 +19,7 @@ from sparse_ad.config import TransformConfig
 from sparse_ad.data.anovox import load_frame, open_split
 from sparse_ad.data.labels import GroundTruth, lookup_tags
 from sparse_ad.grid import VoxelGrid
-from sparse_ad.voxelize import voxelize
+from sparse_ad.ground_truth import semantic_voxels
 
 MIN_AGREEMENT = 0.99
 
@@ -89,9 +89,7 @@ def check_alignment(root, grid: VoxelGrid, configured: TransformConfig, frames: 
         gt = GroundTruth.from_rows(frame.gt, grid, str(ref.scenario.voxel_grid_file(ref.frame)))
         for res in results:
             variant = dataclasses.asdict(res.transform)
-            xyz = np.concatenate([s.transform(**variant).apply(p) for s, p in frame.points])
-            tags = np.concatenate([np.rint(p[:, 3]).astype(np.int64) for _, p in frame.points])
-            vox = voxelize(xyz, grid, labels=tags)
+            vox = semantic_voxels([(p, s.transform(**variant)) for s, p in frame.points], grid)
             gt_tags = lookup_tags(vox.keys, gt)
             shared = gt_tags >= 0
             res.lidar_voxels += len(vox)

@@ -23,15 +23,20 @@ def voxel_grid_rows(points: np.ndarray, transform: SensorTransform, grid: VoxelG
     return merged_rows([(points, transform)], grid or VoxelGrid())
 
 
-def merged_rows(parts: list[tuple[np.ndarray, SensorTransform]], grid: VoxelGrid) -> np.ndarray:
-    """Semantic points of one frame from one or more sensor sets, each (N, 4) with its
-    transform: all go into the grid frame, then one voxelization (the generator merges
-    its sources the same way)."""
-    if max(grid.shape) > np.iinfo(np.uint16).max + 1:
-        raise SparseADError(f"grid shape {grid.shape} does not fit uint16 coordinates; use a coarser resolution")
+def semantic_voxels(parts: list[tuple[np.ndarray, SensorTransform]], grid: VoxelGrid):
+    """Semantic points of one frame from one or more sensor sets, each (N, 4) = x, y, z, tag
+    with its transform: all go into the grid frame, then one voxelization with the AnoVox
+    label rule (the generator merges its sources the same way)."""
     xyz = np.concatenate([t.apply(p) for p, t in parts]) if parts else np.zeros((0, 3))
     tags = np.concatenate([np.rint(p[:, 3]).astype(np.int64) for p, _ in parts]) if parts else np.zeros(0, np.int64)
-    vox = voxelize(xyz, grid, labels=tags)
+    return voxelize(xyz, grid, labels=tags)
+
+
+def merged_rows(parts: list[tuple[np.ndarray, SensorTransform]], grid: VoxelGrid) -> np.ndarray:
+    """`semantic_voxels` as VOXEL_GRID rows (M, 4) uint16 in ascending linear-key order."""
+    if max(grid.shape) > np.iinfo(np.uint16).max + 1:
+        raise SparseADError(f"grid shape {grid.shape} does not fit uint16 coordinates; use a coarser resolution")
+    vox = semantic_voxels(parts, grid)
     rows = np.empty((len(vox), 4), np.uint16)
     rows[:, :3] = vox.coords
     rows[:, 3] = vox.labels
