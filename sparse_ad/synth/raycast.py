@@ -249,41 +249,9 @@ def cast(origin: np.ndarray, axes: np.ndarray, dirs: np.ndarray, max_range: floa
 
 
 @numba.njit(cache=True)
-def sweep_points(t, tag, cos, refl, dirs, noise, drop_u, max_range, dropout):
-    """Hits of one sweep → (SEMANTIC-LIDAR (M, 4), LIDAR (N, 4)) float32 in the sensor frame.
-
-    noise, drop_u: one normal / uniform draw per hit, in ray order. LIDAR: range + noise,
-    kept when 0 < range <= max_range and drop_u >= dropout; intensity from reflectivity,
-    incidence and distance."""
-    n = t.shape[0]
-    m = 0
-    for i in range(n):
-        if np.isfinite(t[i]):
-            m += 1
-    sem = np.empty((m, 4), np.float32)
-    lid = np.empty((m, 4), np.float32)
-    j = 0
-    k = 0
-    for i in range(n):
-        if not np.isfinite(t[i]):
-            continue
-        for c in range(3):
-            sem[j, c] = t[i] * dirs[i, c]
-        sem[j, 3] = tag[i]
-        r = t[i] + noise[j]
-        if r > 0.0 and r <= max_range and drop_u[j] >= dropout:
-            for c in range(3):
-                lid[k, c] = r * dirs[i, c]
-            inten = refl[i] * (0.35 + 0.65 * cos[i]) * math.exp(-0.004 * r)
-            lid[k, 3] = min(max(inten, 0.0), 1.0)
-            k += 1
-        j += 1
-    return sem, lid[:k].copy()
-
-
-@numba.njit(cache=True)
 def surface_points(t, tag, dirs):
-    """Hits → (M, 4) float32 x, y, z, tag in the sensor frame (camera back-projection)."""
+    """Noise-free hits → (M, 4) float32 x, y, z, tag in the sensor frame (semantic LiDAR,
+    camera back-projection)."""
     n = t.shape[0]
     m = 0
     for i in range(n):
@@ -298,3 +266,28 @@ def surface_points(t, tag, dirs):
             out[j, 3] = tag[i]
             j += 1
     return out
+
+
+@numba.njit(cache=True)
+def sweep_points(t, tag, cos, refl, dirs, noise, drop_u, max_range, dropout):
+    """Hits of one sweep → (SEMANTIC-LIDAR (M, 4), LIDAR (N, 4)) float32 in the sensor frame.
+
+    noise, drop_u: one normal / uniform draw per hit, in ray order. SEMANTIC-LIDAR is the
+    noise-free hits (`surface_points`); LIDAR: range + noise, kept when 0 < range <=
+    max_range and drop_u >= dropout; intensity from reflectivity, incidence and distance."""
+    sem = surface_points(t, tag, dirs)
+    lid = np.empty((sem.shape[0], 4), np.float32)
+    j = 0
+    k = 0
+    for i in range(t.shape[0]):
+        if not np.isfinite(t[i]):
+            continue
+        r = t[i] + noise[j]
+        if r > 0.0 and r <= max_range and drop_u[j] >= dropout:
+            for c in range(3):
+                lid[k, c] = r * dirs[i, c]
+            inten = refl[i] * (0.35 + 0.65 * cos[i]) * math.exp(-0.004 * r)
+            lid[k, 3] = min(max(inten, 0.0), 1.0)
+            k += 1
+        j += 1
+    return sem, lid[:k].copy()
