@@ -113,11 +113,6 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
-    target_recall: float = 0.5     # threshold calibrated on validation to reach this recall
-
-
-@dataclass
 class Config:
     grid: GridConfig = field(default_factory=GridConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
@@ -128,7 +123,6 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --- loading ----------------------------------------------------------------------------
