@@ -2,7 +2,11 @@
 
 What a user on a CUDA machine wants to know before a long run: frames/s of a training step
 (voxelize on the device + U-Net forward/backward + optimizer, AMP), peak GPU memory, and the
-latency of one inference frame (voxelize + U-Net in fp16). Inputs are LiDAR-like sweeps of
+latency of one inference frame: host float32 (N, 4) points (xyz, intensity; pinned, as a
+loader would hand them over) → device → voxelize → features → BN-folded U-Net
+(`fuse_for_inference`, real fp16 on CUDA) → sigmoid, with its two parts timed apart (voxelize
+incl. the copy and features; U-Net incl. the sparse tensor and sigmoid). The unfused model
+under autocast (the eval path before folding) is timed too, for comparison. Inputs are LiDAR-like sweeps of
 `points` points on the AnoVox grid (`bench.lidar_cloud`), so no dataset is needed. Timings
 on CUDA use events after warm-up (median of repeats); on CPU, perf_counter. Prints a table
 and writes JSON.
@@ -58,8 +62,10 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
     from sparse_ad.engine.runtime import pick_device
     from sparse_ad.engine.validate import frame_scores
     from sparse_ad.losses import Targets, build_loss
+    from sparse_ad.models.inference import fuse_for_inference
     from sparse_ad.models.sparse_tensor import to_sparse_tensor
-    from sparse_ad.models.spunet import build_model
+    from sparse_ad.models.spunet import build_model, voxel_features
+    from sparse_ad.voxelize import voxelize
 
     cfg = load_config(config, list(overrides))
     dev = pick_device(device)
@@ -86,16 +92,42 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
 
     one = Batch([0], ["bench/0"], batch.points[:1], batch.point_targets[:1], [True], [True])
 
-    def infer():
+    def infer_unfused():   # the eval path before BN folding: SpUNet under autocast
         model.eval()
         vb = voxelize_batch(one, grid, dev)
         frame_scores(model, vb, grid, amp)
         model.train()
 
+    host = torch.from_numpy(np.ascontiguousarray(batch.points[0][:, :4], dtype=np.float32))
+    if dev.type == "cuda":
+        host = host.pin_memory()
+    fused = None
+    last = {}
+
+    def vox_part():
+        pts = host.to(dev, non_blocking=True) if dev.type == "cuda" else host.numpy()
+        vox = voxelize(pts, grid)
+        feats = torch.as_tensor(voxel_features(vox, grid), device=dev)
+        last["x"] = (feats, torch.as_tensor(vox.coords, device=dev))
+
+    def unet_part():
+        feats, coords = last["x"]
+        bi = torch.zeros(len(feats), dtype=torch.int32, device=dev)
+        x = to_sparse_tensor(feats, coords, bi, grid.shape, 1, check_range=False)
+        return torch.sigmoid(fused(x).voxel_logits)
+
+    def infer():
+        vox_part()
+        unet_part()
+
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     results = {}
-    for name, fn in (("train_step", train_step), ("inference", infer)):
+    for name, fn in (("train_step", train_step), ("inference_unfused", infer_unfused), ("inference", infer),
+                     ("inference_voxelize", vox_part), ("inference_unet", unet_part)):
+        if name == "inference":   # fold after training steps, from the current weights and BN stats
+            fused = fuse_for_inference(model.eval(), half=dev.type == "cuda")
+            model.train()
         for _ in range(warmup):
             timed(fn)
         results[name] = float(np.median([timed(fn) for _ in range(repeats)]))
@@ -105,6 +137,8 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         "amp": amp, "model": {"channels": list(cfg.model.channels), "blocks_per_level": cfg.model.blocks_per_level},
         "train_step_ms": results["train_step"], "train_frames_per_s": batch_size / results["train_step"] * 1e3,
         "inference_ms_per_frame": results["inference"],
+        "inference_voxelize_ms": results["inference_voxelize"], "inference_unet_ms": results["inference_unet"],
+        "inference_unfused_amp_ms_per_frame": results["inference_unfused"],
         "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else None,
         "repeats": repeats, "machine": machine_info(),
     }
@@ -143,6 +177,8 @@ def format_table(r: dict) -> str:
             ("train step (ms, median)", f"{r['train_step_ms']:.1f}"),
             ("training throughput (frames/s)", f"{r['train_frames_per_s']:.1f}"),
             ("inference per frame (ms)", f"{r['inference_ms_per_frame']:.1f}"),
+            ("  voxelize / U-Net (ms)", f"{r['inference_voxelize_ms']:.1f} / {r['inference_unet_ms']:.1f}"),
+            ("  unfused SpUNet, autocast (ms)", f"{r['inference_unfused_amp_ms_per_frame']:.1f}"),
             ("peak GPU memory (MB)", "n/a" if r["peak_gpu_memory_mb"] is None else f"{r['peak_gpu_memory_mb']:.0f}")]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

@@ -94,8 +94,10 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
 
 
 def load_checkpoint_model(checkpoint: Path, device: torch.device):
-    """(model in eval mode, resolved Config, checkpoint dict) from a checkpoint file."""
+    """(inference model, resolved Config, checkpoint dict) from a checkpoint file: BN folded into
+    the convs (`fuse_for_inference`), fp16 on CUDA, fp32 (exact to ~1e-6) on CPU."""
     from sparse_ad.engine.checkpoint import load
+    from sparse_ad.models.inference import fuse_for_inference
     from sparse_ad.models.spunet import build_model
 
     ck = load(checkpoint)
@@ -104,7 +106,7 @@ def load_checkpoint_model(checkpoint: Path, device: torch.device):
     cfg = _from_dict(Config, ck["config"], "")
     model = build_model(cfg.model)
     model.load_state_dict(ck["model"])
-    return model.to(device).eval(), cfg, ck
+    return fuse_for_inference(model.to(device).eval(), half=device.type == "cuda"), cfg, ck
 
 
 def predict_frames(model, cfg: Config, refs: list[FrameRef], device: torch.device, progress: bool = True,

@@ -16,10 +16,16 @@ DECISION_THRESHOLD = 0.5
 
 @torch.no_grad()
 def frame_scores(model, vb, grid, amp: bool) -> torch.Tensor:
-    """Anomaly probability (M,) float32 for every voxel of a VoxelBatch (on its device)."""
+    """Anomaly probability (M,) float32 for every voxel of a VoxelBatch (on its device).
+
+    `model` is a SpUNet (autocast when `amp`) or an `InferenceUNet`, which carries its own
+    dtype (autocast does not reach spconv's convs anyway). The voxelizer's coordinates are in
+    range by construction, so the range check (a host sync) is skipped."""
+    from sparse_ad.models.inference import InferenceUNet
     from sparse_ad.models.sparse_tensor import to_sparse_tensor
 
-    x = to_sparse_tensor(vb.features, vb.coords, vb.batch_index, grid.shape, vb.batch_size)
+    x = to_sparse_tensor(vb.features, vb.coords, vb.batch_index, grid.shape, vb.batch_size, check_range=False)
+    amp = amp and not isinstance(model, InferenceUNet)
     with torch.autocast(vb.features.device.type, enabled=amp, dtype=torch.float16):
         out = model(x)
     return torch.sigmoid(out.voxel_logits.float())

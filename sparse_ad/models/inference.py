@@ -1,0 +1,175 @@
+"""Inference form of `SpUNet`: BatchNorm folded into the convs, optionally real fp16.
+
+`fuse_for_inference(model)` returns a new `InferenceUNet` (the trained model is not touched)
+that computes what `model.eval()` computes, with fewer launches per forward:
+
+* every eval-mode BatchNorm is folded into the conv before it: with s = gamma / sqrt(var + eps),
+  W' = W * s per output channel and b' = beta - mean * s, so the BN modules are gone;
+* on CUDA the bias and a following ReLU run inside spconv's implicit-GEMM kernel (its
+  inference-only epilogue, `act_type`); on CPU (Native algorithm) spconv refuses bias and
+  activation, so we add the bias and apply ReLU in place on the conv's fresh output;
+* `half=True` stores weights in fp16 and feeds fp16 features: spconv's convs are not reached by
+  `torch.autocast` (they run fp32 SIMT kernels under it), real fp16 tensors get tensor cores.
+
+Weight layout (spconv >= 2.2, `ALL_WEIGHT_IS_KRSC`, checked in spunet.py): (out, kx, ky, kz, in)
+for every conv, including the inverse conv, so output channels are dim 0. One exception: a
+1x1x1 stride-1 conv (`conv.conv1x1`) runs as `features @ weight.view(in, out)` when
+`FILTER_HWIO` is false, i.e. its output channel is the fastest-varying index of the flat
+weight. Both cases are handled in `_fold`; tests/test_inference.py checks the result against
+the unfolded eval model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import spconv.pytorch as spconv
+import torch
+from cumm import tensorview as tv
+from spconv.constants import FILTER_HWIO
+from spconv.pytorch.conv import SparseConvolution
+from torch import nn
+
+from sparse_ad.errors import SparseADError
+from sparse_ad.models.sparse_tensor import conv_algo
+from sparse_ad.models.spunet import ResidualBlock, SpUNet, SpUNetOutput, padded_shape, pool_per_frame
+
+
+def _fold(conv: SparseConvolution, bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of `bn(conv(x))` as one conv, from BN's running statistics (fp32 math)."""
+    if conv.bias is not None:
+        raise SparseADError("fold: expected a conv without bias (SpUNet builds them so)")
+    w = conv.weight.detach().float()
+    scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
+    bias = bn.bias.detach().float() - bn.running_mean.float() * scale
+    if conv.conv1x1 and not FILTER_HWIO:   # used as weight.view(in, out): out is the last index
+        w = (w.reshape(conv.in_channels, conv.out_channels) * scale).reshape(w.shape)
+    else:                                  # KRSC: (out, k..., in)
+        w = w * scale.view(-1, *([1] * (w.dim() - 1)))
+    return w, bias
+
+
+class FusedConv(nn.Module):
+    """A spconv conv with its BN folded in (bias) and an optional ReLU."""
+
+    def __init__(self, conv: SparseConvolution, bn: nn.BatchNorm1d, relu: bool):
+        super().__init__()
+        w, b = _fold(conv, bn)
+        self.conv = copy.deepcopy(conv)
+        self.conv.weight = nn.Parameter(w, requires_grad=False)
+        self.bias = nn.Parameter(b, requires_grad=False)
+        self.relu = relu
+        self.in_kernel = False   # bias (+ ReLU) inside spconv's kernel; set by InferenceUNet
+
+    def set_epilogue(self, in_kernel: bool) -> None:
+        """CUDA implicit GEMM takes bias and ReLU in its epilogue (not the 1x1 mm path, not
+        the CPU Native algorithm)."""
+        self.in_kernel = in_kernel and not self.conv.conv1x1
+        self.conv.bias = self.bias if self.in_kernel else None
+        self.conv.act_type = (tv.gemm.Activation.ReLU if self.in_kernel and self.relu
+                              else tv.gemm.Activation.None_)
+
+    def forward(self, x: spconv.SparseConvTensor) -> spconv.SparseConvTensor:
+        y = self.conv(x)
+        if not self.in_kernel:   # y.features is the conv's own fresh output: in place is safe
+            f = y.features.add_(self.bias)
+            if self.relu:
+                f.relu_()
+        return y
+
+
+class FusedBlock(nn.Module):
+    def __init__(self, block: ResidualBlock):
+        super().__init__()
+        self.conv1 = FusedConv(block.conv1, block.bn1, relu=True)
+        self.conv2 = FusedConv(block.conv2, block.bn2, relu=False)
+        self.proj = None if block.proj is None else FusedConv(block.proj[0], block.proj[1], relu=False)
+
+    def forward(self, x: spconv.SparseConvTensor) -> spconv.SparseConvTensor:
+        y = self.conv2(self.conv1(x))
+        skip = x.features if self.proj is None else self.proj(x).features
+        y.features.add_(skip).relu_()   # relu(bn2(conv2) + skip), on conv2's fresh output
+        return y
+
+
+def _seq(s: spconv.SparseSequential) -> FusedConv:
+    conv, bn, relu = s   # SpUNet's stem / down / up: conv, BN, ReLU
+    assert isinstance(relu, nn.ReLU)
+    return FusedConv(conv, bn, relu=True)
+
+
+class InferenceUNet(nn.Module):
+    """Eval-only `SpUNet` with folded BN; same input (fp32 features) and output (fp32 logits)."""
+
+    def __init__(self, model: SpUNet, half: bool = False):
+        super().__init__()
+        self.in_channels = model.in_channels
+        self.stride = model.stride
+        self.stem = _seq(model.stem)
+        self.enc0 = nn.ModuleList(FusedBlock(b) for b in model.enc0)
+        self.down = nn.ModuleList(_seq(s) for s in model.down)
+        self.enc = nn.ModuleList(nn.ModuleList(FusedBlock(b) for b in e) for e in model.enc)
+        self.up = nn.ModuleList(_seq(s) for s in model.up)
+        self.dec = nn.ModuleList(nn.ModuleList(FusedBlock(b) for b in d) for d in model.dec)
+        self.head = copy.deepcopy(model.head)
+        self.scene = copy.deepcopy(model.scene)
+        self.requires_grad_(False)
+        self.eval()
+        self.dtype = torch.float16 if half else torch.float32
+        self.to(self.dtype)
+        self._device_type = None
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise SparseADError("InferenceUNet is inference-only (BN is folded); train the SpUNet")
+        return super().train(False)
+
+    @torch.inference_mode()   # no autograd bookkeeping at all (cheaper per op than no_grad)
+    def forward(self, x: spconv.SparseConvTensor) -> SpUNetOutput:
+        feats = x.features
+        if feats.shape[1] != self.in_channels:
+            raise SparseADError(f"model input: expected {self.in_channels} feature channels, "
+                                f"found {feats.shape[1]} (model.in_channels in the config)")
+        self._use_device(feats.device)
+        x = spconv.SparseConvTensor(feats.to(self.dtype), x.indices, padded_shape(x.spatial_shape, self.stride),
+                                    x.batch_size)
+        x = self.stem(x)
+        for blk in self.enc0:
+            x = blk(x)
+        skips = []
+        for down, enc in zip(self.down, self.enc, strict=True):
+            skips.append(x)
+            x = down(x)
+            for blk in enc:
+                x = blk(x)
+        for up, dec in zip(reversed(self.up), reversed(self.dec), strict=True):
+            x = up(x)
+            x = x.replace_feature(torch.cat([x.features, skips.pop().features], dim=1))
+            for blk in dec:
+                x = blk(x)
+        feats = x.features
+        voxel_logits = self.head(feats).squeeze(1).float()
+        scene_logits = None
+        if self.scene is not None:
+            pooled = pool_per_frame(feats, x.indices[:, 0].long(), x.batch_size)
+            scene_logits = self.scene(pooled).squeeze(1).float()
+        return SpUNetOutput(voxel_logits, scene_logits)
+
+    def _use_device(self, device: torch.device) -> None:
+        """Conv algorithm and bias/ReLU placement follow the input's device (as in SpUNet)."""
+        if device.type != self._device_type:
+            algo = conv_algo(device)
+            for m in self.modules():
+                if isinstance(m, SparseConvolution):
+                    m.algo = algo
+                elif isinstance(m, FusedConv):
+                    m.set_epilogue(device.type == "cuda")
+            self._device_type = device.type
+
+
+def fuse_for_inference(model: SpUNet | InferenceUNet, half: bool = False) -> InferenceUNet:
+    """A new inference-only model on `model`'s device; `model` itself is left as it is.
+    `half` (CUDA only: spconv's CPU algorithm has no fp16 path worth using) stores fp16."""
+    if isinstance(model, InferenceUNet):
+        return model
+    return InferenceUNet(model, half=half)
