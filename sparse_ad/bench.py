@@ -94,6 +94,25 @@ def _median_ms_cpu(repeats: int, fn, *args) -> float:
     return statistics.median(times)
 
 
+def host_ms(fn, repeats: int = 30, sync: bool = True, warmup: int = 5) -> float:  # pragma: no cover
+    """Median wall ms of `fn()` on a CUDA machine: with `sync`, until the device is done (what a
+    call costs); without, the host time to issue it. Their gap tells host- from device-bound."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def _median_ms_cuda(repeats: int, fn, *args, warmup: int = 3) -> float:  # pragma: no cover
     import torch
 

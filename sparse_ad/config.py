@@ -11,6 +11,7 @@ import dataclasses
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +170,31 @@ def _from_dict(cls, data: dict, where: str):
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
+
+
+def config_from_saved(data: dict, source: str) -> Config:
+    """The Config stored in a checkpoint. Keys this version no longer has (a setting removed
+    since the checkpoint was written) are dropped with a warning naming them, so an older
+    checkpoint still evaluates; anything else wrong in it is a ConfigError as usual."""
+    dropped: list[str] = []
+
+    def prune(cls, d: dict, prefix: str) -> dict:
+        hints = typing.get_type_hints(cls)
+        out = {}
+        for k, v in d.items():
+            if k not in hints:
+                dropped.append(prefix + k)
+            elif dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+                out[k] = prune(hints[k], v, f"{prefix}{k}.")
+            else:
+                out[k] = v
+        return out
+
+    pruned = prune(Config, data, "")
+    if dropped:
+        warnings.warn(f"{source}: its config has settings this version does not know ({', '.join(dropped)}); "
+                      "ignored", stacklevel=2)
+    return _from_dict(Config, pruned, source)
 
 
 def _set_override(tree: dict, dotted: str, raw: str):

@@ -48,3 +48,23 @@ def test_missing_and_broken_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_a_checkpoint_config_with_removed_settings_still_loads_and_says_so():
+    import warnings
+
+    from sparse_ad.config import Config, config_from_saved, config_to_dict
+
+    saved = config_to_dict(Config())
+    saved["eval"] = {"target_recall": 0.9}              # a section removed since
+    saved["train"]["old_knob"] = 3                      # a key removed since
+    saved["train"]["epochs"] = 7
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = config_from_saved(saved, "run/best.pt")
+    assert cfg.train.epochs == 7
+    msg = " ".join(str(w.message) for w in caught)
+    assert "run/best.pt" in msg and "eval" in msg and "train.old_knob" in msg
+    saved["train"]["epochs"] = "many"
+    with pytest.raises(ConfigError, match="epochs"):
+        config_from_saved(saved, "run/best.pt")

@@ -9,32 +9,15 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparse_ad.bench import lidar_cloud  # noqa: E402
+from sparse_ad.bench import host_ms, lidar_cloud  # noqa: E402
 from sparse_ad.config import load_config  # noqa: E402
 from sparse_ad.grid import VoxelGrid  # noqa: E402
-
-
-def med(fn, reps=30, sync=True):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    torch.cuda.synchronize()
-    return float(np.median(ts))
 
 
 def main() -> int:
@@ -90,8 +73,8 @@ def main() -> int:
         # spconv per-layer host cost: one 32->32 subm conv, indices already built (cached key)
         conv = f16.enc0[0].conv1
         x = f16.stem(spconv_tensor(make(), torch.float16, f16))
-        r["one_subm_conv_fp16_cached_host_ms"] = med(lambda: conv(x), sync=False)
-        r["one_subm_conv_fp16_cached_sync_ms"] = med(lambda: conv(x))
+        r["one_subm_conv_fp16_cached_host_ms"] = host_ms(lambda: conv(x), sync=False)
+        r["one_subm_conv_fp16_cached_sync_ms"] = host_ms(lambda: conv(x))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
@@ -113,9 +96,9 @@ def _variant(r, name, fn, model, make, n):
         o = fn(make(i)).double()
         errs.append(float((o - ref).norm() / ref.norm()) if torch.isfinite(o).all() else float("nan"))
     r[f"{name}_relerr_max"] = max(errs)
-    r[f"{name}_sync_ms"] = med(lambda: fn(make()))
-    r[f"{name}_host_ms"] = med(lambda: fn(make()), sync=False)
-    r[f"{name}_sync_ms_rep2"] = med(lambda: fn(make()))
+    r[f"{name}_sync_ms"] = host_ms(lambda: fn(make()))
+    r[f"{name}_host_ms"] = host_ms(lambda: fn(make()), sync=False)
+    r[f"{name}_sync_ms_rep2"] = host_ms(lambda: fn(make()))
 
 
 def _amp(model, x):

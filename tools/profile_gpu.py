@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,23 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparse_ad.bench import lidar_cloud  # noqa: E402
+from sparse_ad.bench import host_ms, lidar_cloud  # noqa: E402
 from sparse_ad.config import load_config  # noqa: E402
 from sparse_ad.grid import VoxelGrid  # noqa: E402
-
-
-def _ms(fn, reps=50, sync=True):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(ts))
 
 
 def main() -> int:
@@ -54,12 +39,12 @@ def main() -> int:
     pts = torch.from_numpy(host).to(dev)
     r = {}
     # --- voxelizer pieces -------------------------------------------------------------
-    r["vox_total"] = _ms(lambda: vcuda.voxelize_cuda(pts, grid))
-    r["vox_total_nosync_host"] = _ms(lambda: vcuda.voxelize_cuda(pts, grid), sync=False)
-    r["as_cuda_array"] = _ms(lambda: cuda.as_cuda_array(pts, sync=False), sync=False)
-    r["cuda_array_interface"] = _ms(lambda: pts.__cuda_array_interface__, sync=False)
-    r["torch_empty"] = _ms(lambda: torch.empty(1000, device=dev), sync=False)
-    r["torch_sort_24k"] = _ms(lambda: torch.sort(pts[:24000, 0]))
+    r["vox_total"] = host_ms(lambda: vcuda.voxelize_cuda(pts, grid))
+    r["vox_total_nosync_host"] = host_ms(lambda: vcuda.voxelize_cuda(pts, grid), sync=False)
+    r["as_cuda_array"] = host_ms(lambda: cuda.as_cuda_array(pts, sync=False), sync=False)
+    r["cuda_array_interface"] = host_ms(lambda: pts.__cuda_array_interface__, sync=False)
+    r["torch_empty"] = host_ms(lambda: torch.empty(1000, device=dev), sync=False)
+    r["torch_sort_24k"] = host_ms(lambda: torch.sort(pts[:24000, 0]))
 
     @cuda.jit
     def k_many(a, b, c, d, e, f, g, h, i, j, k, l, x1, x2, x3, x4, x5):
@@ -73,12 +58,12 @@ def main() -> int:
     stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
     k_many[1, 32, stream](*views, 1.0, 2.0, 3, 4, 5)
     k_one[1, 32, stream](views[0])
-    r["launch_12arrays_5scalars"] = _ms(lambda: k_many[1, 32, stream](*views, 1.0, 2.0, 3, 4, 5), sync=False)
-    r["launch_1array"] = _ms(lambda: k_one[1, 32, stream](views[0]), sync=False)
+    r["launch_12arrays_5scalars"] = host_ms(lambda: k_many[1, 32, stream](*views, 1.0, 2.0, 3, 4, 5), sync=False)
+    r["launch_1array"] = host_ms(lambda: k_one[1, 32, stream](views[0]), sync=False)
     kern = next(iter(k_many.overloads.values()))
-    r["launch_12arrays_overload_direct"] = _ms(
+    r["launch_12arrays_overload_direct"] = host_ms(
         lambda: kern.launch([*views, 1.0, 2.0, 3, 4, 5], (1, 1, 1), (32, 1, 1), stream, 0), sync=False)
-    r["gpus_context"] = _ms(lambda: cuda.gpus[0].__enter__() and cuda.gpus[0].__exit__(None, None, None),
+    r["gpus_context"] = host_ms(lambda: cuda.gpus[0].__enter__() and cuda.gpus[0].__exit__(None, None, None),
                             sync=False)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -110,12 +95,12 @@ def main() -> int:
                 with torch.autocast("cuda", dtype=torch.float16):
                     return torch.sigmoid(model(xx).voxel_logits.float())
 
-        r[f"{name}_forward_fp16"] = _ms(fwd)
-        r[f"{name}_forward_fp32"] = _ms(lambda: fwd(False))
-        r[f"{name}_forward_fp16_host"] = _ms(fwd, sync=False)
-        r[f"{name}_to_sparse_tensor"] = _ms(
+        r[f"{name}_forward_fp16"] = host_ms(fwd)
+        r[f"{name}_forward_fp32"] = host_ms(lambda: fwd(False))
+        r[f"{name}_forward_fp16_host"] = host_ms(fwd, sync=False)
+        r[f"{name}_to_sparse_tensor"] = host_ms(
             lambda f=feats, v=vox, b=bi: to_sparse_tensor(f, v.coords, b, grid.shape, 1))
-        r[f"{name}_full_frame"] = _ms(full)
+        r[f"{name}_full_frame"] = host_ms(full)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
@@ -124,9 +109,9 @@ def main() -> int:
         (a.out / f"fwd_{name}_cpu.txt").write_text(prof.key_averages().table(sort_by="cpu_time_total", row_limit=50))
         (a.out / f"fwd_{name}_cuda.txt").write_text(prof.key_averages().table(sort_by="cuda_time_total",
                                                                                 row_limit=50))
-    r["h2d_120k_f32x4"] = _ms(lambda: torch.from_numpy(host).to(dev))
+    r["h2d_120k_f32x4"] = host_ms(lambda: torch.from_numpy(host).to(dev))
     h64 = np.concatenate([host.astype(np.float64), np.zeros((len(host), 2))], axis=1)
-    r["h2d_120k_f64x6"] = _ms(lambda: torch.from_numpy(h64).to(dev))
+    r["h2d_120k_f64x6"] = host_ms(lambda: torch.from_numpy(h64).to(dev))
     (a.out / "profile.json").write_text(json.dumps(r, indent=2))
     for k, v in r.items():
         print(f"{k:<40} {v:8.3f} ms")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparse_ad.config import Config, _from_dict
+from sparse_ad.config import Config, config_from_saved
 from sparse_ad.data.anovox import FrameRef, open_split
 from sparse_ad.data.files import load_voxel_grid, read_kv_csv
 from sparse_ad.data.labels import GroundTruth, target_table
@@ -103,7 +103,7 @@ def load_checkpoint_model(checkpoint: Path, device: torch.device):
     ck = load(checkpoint)
     if not ck.get("config"):
         raise SparseADError(f"{checkpoint}: holds no config; it was not written by `sparse-ad train`")
-    cfg = _from_dict(Config, ck["config"], "")
+    cfg = config_from_saved(ck["config"], str(checkpoint))
     model = build_model(cfg.model)
     model.load_state_dict(ck["model"])
     return fuse_for_inference(model.to(device).eval(), half=device.type == "cuda"), cfg, ck
