@@ -84,8 +84,16 @@ def torch_unique_reference(points, grid: VoxelGrid):  # pragma: no cover - GPU o
 
 
 # --- timing -----------------------------------------------------------------------------------
-def _median_ms_cpu(repeats: int, fn, *args) -> float:
-    fn(*args)                                                   # warm-up (and numba compile)
+def median_ms(device_type: str, repeats: int, fn, *args, warmup: int = 3) -> float:
+    """Median ms of `fn(*args)` after `warmup` calls: CUDA events on "cuda", else wall time."""
+    if device_type == "cuda":
+        return _median_ms_cuda(repeats, fn, *args, warmup=warmup)
+    return _median_ms_cpu(repeats, fn, *args, warmup=warmup)
+
+
+def _median_ms_cpu(repeats: int, fn, *args, warmup: int = 1) -> float:
+    for _ in range(warmup):                                     # warm-up (and numba compile)
+        fn(*args)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

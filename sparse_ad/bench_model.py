@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparse_ad.bench import lidar_cloud, machine_info
+from sparse_ad.bench import lidar_cloud, machine_info, median_ms
 from sparse_ad.config import load_config
 from sparse_ad.data.batch import Batch, voxelize_batch
 from sparse_ad.io import atomic_write_text
@@ -38,22 +38,6 @@ def _batch(points: int, batch_size: int, seed: int) -> Batch:
         tgts.append(t)
     return Batch(list(range(batch_size)), [f"bench/{b}" for b in range(batch_size)], pts, tgts,
                  [True] * batch_size, [True] * batch_size)
-
-
-def _timer(device: torch.device):
-    """A function returning elapsed ms of `fn()`, synchronized on CUDA."""
-    def run(fn) -> float:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    return run
 
 
 def bench_model(config: str | None = None, overrides=(), points: int = 120_000, batch_size: int = 4,
@@ -77,7 +61,6 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
     loss_fn = build_loss(cfg.loss, [1_000_000, 1_000])
     scaler = torch.amp.GradScaler(dev.type, enabled=amp)
     batch = _batch(points, batch_size, seed)
-    timed = _timer(dev)
 
     def train_step():
         vb = voxelize_batch(batch, grid, dev)
@@ -128,9 +111,7 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         if name == "inference":   # fold after training steps, from the current weights and BN stats
             fused = fuse_for_inference(model.eval(), half=dev.type == "cuda")
             model.train()
-        for _ in range(warmup):
-            timed(fn)
-        results[name] = float(np.median([timed(fn) for _ in range(repeats)]))
+        results[name] = float(median_ms(dev.type, repeats, fn, warmup=warmup))
     voxels = len(voxelize_batch(one, grid, torch.device("cpu")).keys)
     out = {
         "device": str(dev), "points_per_frame": points, "voxels_per_frame": voxels, "batch_size": batch_size,
