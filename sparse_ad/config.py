@@ -111,6 +111,7 @@ class TrainConfig:
     log_every: int = 20
     max_minutes: float = 0.0       # 0 = no time budget
     cpu_threads: int = 0           # torch threads on CPU; 0 = torch's default
+    ema_decay: float = 0.0         # > 0: validate and export an EMA of the weights (engine/ema.py)
 
 
 @dataclass

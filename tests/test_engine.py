@@ -117,3 +117,40 @@ def test_bench_model_smoke():
                     repeats=1, warmup=0, device="cpu")
     assert r["train_frames_per_s"] > 0 and r["inference_ms_per_frame"] > 0 and r["voxels_per_frame"] > 100
     assert "training throughput" in format_table(r)
+
+
+def test_weight_average_follows_the_weights_with_a_ramped_decay():
+    from sparse_ad.engine.ema import WeightAverage
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    avg = WeightAverage(model, decay=0.99)
+    w0 = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].num_batches_tracked.fill_(7)
+    avg.update(model, step=1)                  # ramp: decay min(0.99, 2/11)
+    d = 2.0 / 11.0
+    torch.testing.assert_close(avg.model[0].weight, d * w0 + (1 - d) * (w0 + 1.0))
+    assert int(avg.model[1].num_batches_tracked) == 7          # integer buffers are copied
+    assert not any(p.requires_grad for p in avg.model.parameters())
+    for step in range(2, 2000):
+        avg.update(model, step)
+    torch.testing.assert_close(avg.model[0].weight, model[0].weight)   # converges to constant weights
+
+
+def test_ema_checkpoints_export_the_average_and_resume_from_the_raw_weights(tiny_split, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", *TINY, "train.ema_decay=0.9"])
+    train(cfg, tmp_path / "run")
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert set(ck["model"]) == set(ck["train_model"])
+    assert any(not torch.equal(ck["model"][k], ck["train_model"][k]) for k in ck["model"])
+    from sparse_ad.engine.checkpoint import resume_or_init
+    from sparse_ad.engine.runtime import setup_runtime
+
+    rt = setup_runtime(cfg, tmp_path / "run")
+    resumed = resume_or_init(cfg, tmp_path / "run", rt)
+    for k, v in resumed.bare_model.state_dict().items():
+        torch.testing.assert_close(v, ck["train_model"][k])
+    for k, v in resumed.eval_model.state_dict().items():
+        torch.testing.assert_close(v, ck["model"][k])

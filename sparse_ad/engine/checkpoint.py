@@ -21,6 +21,7 @@ import torch
 
 from sparse_ad import __version__
 from sparse_ad.config import Config, config_to_dict
+from sparse_ad.engine.ema import WeightAverage
 from sparse_ad.errors import SparseADError
 from sparse_ad.io import atomic_write, atomic_write_text
 
@@ -42,10 +43,16 @@ class TrainState:
     threshold: float = 0.5
     history: list = field(default_factory=list)
     scheduler_state: dict | None = None
+    ema: WeightAverage | None = None  # train.ema_decay > 0
 
     @property
     def bare_model(self) -> torch.nn.Module:
         return getattr(self.model, "module", self.model)
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights validation scores and checkpoints export: the EMA when there is one."""
+        return self.ema.model if self.ema is not None else self.bare_model
 
 
 def versions() -> dict:
@@ -70,7 +77,7 @@ def save(path: Path, state: TrainState, sched, epoch: int, step_in_epoch: int, r
         return
     payload = {
         "format": FORMAT, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": state.global_step,
-        "model": state.bare_model.state_dict(), "optimizer": state.optimizer.state_dict(),
+        "model": state.eval_model.state_dict(), "optimizer": state.optimizer.state_dict(),
         "scheduler": sched.state_dict(), "scaler": state.scaler.state_dict(),
         "best_score": state.best_score, "best_epoch": state.best_epoch, "threshold": state.threshold,
         "class_counts": list(state.class_counts), "history": state.history,
@@ -79,6 +86,8 @@ def save(path: Path, state: TrainState, sched, epoch: int, step_in_epoch: int, r
         "config": config_to_dict(rt.cfg),
         "versions": versions(),
     }
+    if state.ema is not None:  # "model" holds the average; resuming needs the raw weights too
+        payload["train_model"] = state.bare_model.state_dict()
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write(Path(path), lambda f: f.write(buf.getbuffer()))
@@ -173,8 +182,12 @@ def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp)
     last = Path(run_dir) / "last.pt"
     ck = load(last, map_location=rt.device) if last.exists() else None
+    ema = None
     if ck is not None:
-        model.load_state_dict(ck["model"])
+        model.load_state_dict(ck.get("train_model", ck["model"]))
+        if cfg.train.ema_decay > 0:
+            ema = WeightAverage(model, cfg.train.ema_decay)
+            ema.model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"]["torch"].cpu())
@@ -193,11 +206,13 @@ def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
 
             warnings.warn("no anomaly voxels in the training split: the model cannot learn anomalies",
                           stacklevel=2)
+    if ema is None and cfg.train.ema_decay > 0:
+        ema = WeightAverage(model, cfg.train.ema_decay)
     if rt.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     state = TrainState(model=model, optimizer=optimizer, scaler=scaler,
-                       loss_fn=build_loss(cfg.loss, counts), class_counts=counts)
+                       loss_fn=build_loss(cfg.loss, counts), class_counts=counts, ema=ema)
     if ck is not None:
         state.epoch, state.step_in_epoch = int(ck["epoch"]), int(ck["step_in_epoch"])
         state.global_step = int(ck["global_step"])

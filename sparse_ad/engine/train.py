@@ -98,7 +98,7 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
                 return {"stopped": True, "epoch": epoch}
             state.step_in_epoch = 0
             # the bare module: a DDP forward would start collectives that rank 0 runs alone
-            metrics = validate(cfg, rt, state.bare_model, epoch) if rt.is_main else None
+            metrics = validate(cfg, rt, state.eval_model, epoch) if rt.is_main else None
             metrics = rt.broadcast(metrics)
             _record_epoch(cfg, rt, run_dir, state, sched, epoch, stats, metrics, writer)
             if cfg.train.max_minutes and (time.monotonic() - start) / 60 > cfg.train.max_minutes:
@@ -147,6 +147,8 @@ def _train_one(cfg, rt, state, sched, batch, stats, writer, bar) -> None:
     stats.loss += loss
     stats.steps += 1
     state.global_step += 1
+    if state.ema is not None:
+        state.ema.update(state.bare_model, state.global_step)
     if rt.is_main and state.global_step % cfg.train.log_every == 0 and writer:
         writer.add_scalar("train/loss", loss, state.global_step)
         writer.add_scalar("train/lr", sched.get_last_lr()[0], state.global_step)
