@@ -154,8 +154,9 @@ def build_scheduler(cfg: Config, optimizer, total_steps: int, state: dict | None
     loaded = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     if cfg.optim.schedule == "onecycle":
         # warm-up over 10% of the steps, but at least 2 steps: OneCycleLR divides by the
-        # length of each phase, which must not round to zero on short runs
-        total = total_steps + 1
+        # length of each phase, which must not round to zero on short runs (a one-step run
+        # needs a 4-step schedule for that)
+        total = max(total_steps + 1, 4)
         sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optim.lr, total_steps=total,
                                                     pct_start=min(0.5, max(0.1, 2.0 / total)))
     elif cfg.optim.schedule == "cosine":

@@ -1,0 +1,48 @@
+"""The quality study: trains per synthetic seed, scores on held-out and test splits, resumes."""
+
+import argparse
+import json
+
+import pytest
+
+from sparse_ad.errors import ConfigError
+from sparse_ad.study import add_study_args, run_study
+
+SMALL = ["data.synth_scenarios=4", "data.synth_frames=1", "data.synth_anomaly_share=1.0", "data.val_fraction=0.5",
+         "data.num_workers=0", "train.epochs=1", "train.batch_size=2", "model.channels=[8,16]",
+         "train.max_minutes=0"]
+
+
+def _args(tmp_path, *extra):
+    return add_study_args(argparse.ArgumentParser()).parse_args(
+        ["--seeds", "0", "1", "--test-seed", "9", "--out", str(tmp_path / "study"), *extra, *SMALL])
+
+
+def test_study_trains_each_seed_scores_both_splits_and_reuses_finished_seeds(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPARSE_AD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
+    result = run_study(_args(tmp_path))
+    assert [r["seed"] for r in result["runs"]] == [0, 1]
+    for r in result["runs"]:
+        assert r["held_out"]["anomaly_voxels"] > 0 and r["test"]["anomaly_voxels"] > 0
+        assert 0.0 <= r["test"]["auroc"] <= 1.0
+    assert {p.name for p in (tmp_path / "cache").iterdir()} >= {"synth_s4_f1_a1_seed0", "synth_s4_f1_a1_seed1",
+                                                                 "synth_s4_f1_a1_seed9"}
+    same_test = {r["test"]["anomaly_voxels"] for r in result["runs"]}
+    assert len(same_test) == 1                        # both scored on the one test split
+    on_disk = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert on_disk["summary"]["test"]["aupr"]["min"] <= on_disk["summary"]["test"]["aupr"]["mean"]
+    assert "mean ± std" in capsys.readouterr().out
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished seed was trained again")
+
+    monkeypatch.setattr("sparse_ad.engine.train.train", no_training)
+    assert run_study(_args(tmp_path))["runs"] == result["runs"]
+
+
+def test_study_refuses_a_test_seed_it_trains_on_and_real_data(tmp_path):
+    with pytest.raises(ConfigError, match="also a training seed"):
+        run_study(add_study_args(argparse.ArgumentParser()).parse_args(["--seeds", "0", "1", "--test-seed", "1"]))
+    with pytest.raises(ConfigError, match="data.root is set"):
+        run_study(_args(tmp_path, "data.root=/data/AnoVox"))
