@@ -6,7 +6,8 @@ seeds and a test split that nothing was picked on. For each seed this trains the
 the synthetic split of that seed (`data.synth_seed`), then scores `best.pt` on its own
 held-out scenarios and on one independent synthetic test split (`--test-seed`, every frame,
 same size and anomaly share). Prints a table and writes JSON; finished seeds are reused, so
-an interrupted study continues where it stopped.
+an interrupted study continues where it stopped ("minutes" is the wall time of this study's
+training call: a run that was already finished shows ~0).
 
     python tools/quality_study.py --config configs/demo.yaml --seeds 0 1 2 --out runs/study
 """
