@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_args(p)
 
+    p = _sub(subs, "study", "train a config on several synthetic seeds; score held-out and test splits",
+             "sparse-ad study --config configs/demo.yaml --seeds 0 1 2 --out runs/study")
+    from sparse_ad.study import add_study_args
+
+    add_study_args(p)
+
     p = _sub(subs, "demo", "synthetic split → train → evaluate → plots, on CPU in minutes",
              "sparse-ad demo --config configs/demo.yaml --run-dir runs/demo")
     _add_config_args(p)
@@ -199,6 +205,13 @@ def _cmd_bench(args):
     return run_bench(args)
 
 
+def _cmd_study(args):
+    from sparse_ad.study import run_study
+
+    run_study(args)
+    return 0
+
+
 def _cmd_demo(args):
     from sparse_ad.config import load_config
     from sparse_ad.engine.demo import run_demo
@@ -210,7 +223,7 @@ def _cmd_demo(args):
 COMMANDS = {
     "synth": _cmd_synth, "voxelize-gt": _cmd_voxelize_gt, "check-alignment": _cmd_check_alignment,
     "train": _cmd_train, "eval": _cmd_eval, "eval-preds": _cmd_eval_preds, "predict": _cmd_predict,
-    "bench-voxelize": _cmd_bench, "demo": _cmd_demo,
+    "bench-voxelize": _cmd_bench, "study": _cmd_study, "demo": _cmd_demo,
 }
 
 

@@ -62,7 +62,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("cmd", ["synth", "voxelize-gt", "check-alignment", "train", "eval", "eval-preds",
-                                 "predict", "bench-voxelize", "demo"])
+                                 "predict", "bench-voxelize", "study", "demo"])
 def test_every_subcommand_has_help_with_an_example(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])

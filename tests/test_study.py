@@ -46,3 +46,11 @@ def test_study_refuses_a_test_seed_it_trains_on_and_real_data(tmp_path):
         run_study(add_study_args(argparse.ArgumentParser()).parse_args(["--seeds", "0", "1", "--test-seed", "1"]))
     with pytest.raises(ConfigError, match="data.root is set"):
         run_study(_args(tmp_path, "data.root=/data/AnoVox"))
+
+
+def test_study_cli_errors_are_one_line_with_exit_code_2(capsys):
+    from sparse_ad.cli import main
+
+    assert main(["study", "--seeds", "0", "1", "--test-seed", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "also a training seed" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
