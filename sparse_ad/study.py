@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from sparse_ad.config import config_to_dict, load_config
-from sparse_ad.errors import ConfigError
+from sparse_ad.errors import ConfigError, SparseADError
 from sparse_ad.io import atomic_write_text
 
 METRICS = ("auroc", "aupr", "fpr95", "recall")
@@ -79,7 +79,8 @@ def _one_seed(base, seed: int, test_root: Path, run_dir: Path) -> dict:
     summary = train(cfg, run_dir)
     minutes = (time.monotonic() - start) / 60
     if summary.get("stopped"):
-        raise SystemExit(f"seed {seed}: training was stopped; run the same command again to resume")
+        raise SparseADError(f"seed {seed}: training was stopped ({run_dir}); run the same command again to "
+                            "resume")
     held_out = summary["best"]["anomalies_only"]
     test = evaluate_checkpoint(run_dir / "best.pt", run_dir / "test", data=test_root, all_frames=True,
                                progress=False)["anomalies_only"]

@@ -183,12 +183,8 @@ def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp)
     last = Path(run_dir) / "last.pt"
     ck = load(last, map_location=rt.device) if last.exists() else None
-    ema = None
     if ck is not None:
         model.load_state_dict(ck.get("train_model", ck["model"]))
-        if cfg.train.ema_decay > 0:
-            ema = WeightAverage(model, cfg.train.ema_decay)
-            ema.model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"]["torch"].cpu())
@@ -207,8 +203,9 @@ def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
 
             warnings.warn("no anomaly voxels in the training split: the model cannot learn anomalies",
                           stacklevel=2)
-    if ema is None and cfg.train.ema_decay > 0:
-        ema = WeightAverage(model, cfg.train.ema_decay)
+    ema = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    if ema is not None and ck is not None:
+        ema.model.load_state_dict(ck["model"])  # the average (the raw weights if EMA is new to the run)
     if rt.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
