@@ -44,7 +44,9 @@ def run_study(args) -> dict:
                           "(override data.root= to use them)")
     if args.test_seed in args.seeds:
         raise ConfigError(f"--test-seed {args.test_seed} is also a training seed; pick one outside --seeds")
-    test_root = _test_split(base, args.test_seed)
+    from sparse_ad.engine.runtime import resolve_data_root
+
+    test_root = resolve_data_root(_seeded(base, args.test_seed))
     rows = [_one_seed(base, seed, test_root, args.out / f"seed{seed}") for seed in args.seeds]
     result = {"config": args.config, "overrides": list(args.overrides), "test_seed": args.test_seed,
               "test_split": str(test_root), "runs": rows,
@@ -57,12 +59,11 @@ def run_study(args) -> dict:
     return result
 
 
-def _test_split(base, seed: int) -> Path:
-    from sparse_ad.engine.runtime import resolve_data_root
-
+def _seeded(base, seed: int):
+    """A copy of `base` on the synthetic split of `seed`."""
     cfg = copy.deepcopy(base)
     cfg.data.synth_seed = seed
-    return resolve_data_root(cfg)
+    return cfg
 
 
 def _one_seed(base, seed: int, test_root: Path, run_dir: Path) -> dict:
@@ -73,10 +74,8 @@ def _one_seed(base, seed: int, test_root: Path, run_dir: Path) -> dict:
     done = run_dir / "study_row.json"
     if done.exists():
         return json.loads(done.read_text())
-    cfg = copy.deepcopy(base)
-    cfg.data.synth_seed = seed
     start = time.monotonic()
-    summary = train(cfg, run_dir)
+    summary = train(_seeded(base, seed), run_dir)
     minutes = (time.monotonic() - start) / 60
     if summary.get("stopped"):
         raise SparseADError(f"seed {seed}: training was stopped ({run_dir}); run the same command again to "
