@@ -18,6 +18,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -103,11 +104,21 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         vox_part()
         unet_part()
 
+    def infer_views():   # the same with the config's test-time views, batched as `eval` runs them
+        vox_part()
+        feats, coords = last["x"]
+        vb = SimpleNamespace(features=feats, coords=coords.int(), batch_size=1,
+                             batch_index=torch.zeros(len(feats), dtype=torch.int32, device=dev))
+        frame_scores(fused, vb, grid, amp=False, views=cfg.model.test_views)
+
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     results = {}
-    for name, fn in (("train_step", train_step), ("inference_unfused", infer_unfused), ("inference", infer),
-                     ("inference_voxelize", vox_part), ("inference_unet", unet_part)):
+    stages = [("train_step", train_step), ("inference_unfused", infer_unfused), ("inference", infer),
+              ("inference_voxelize", vox_part), ("inference_unet", unet_part)]
+    if cfg.model.test_views > 1:
+        stages.append(("inference_views", infer_views))
+    for name, fn in stages:
         if name == "inference":   # fold after training steps, from the current weights and BN stats
             fused = fuse_for_inference(model.eval(), half=dev.type == "cuda")
             model.train()
@@ -120,6 +131,7 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         "inference_ms_per_frame": results["inference"],
         "inference_voxelize_ms": results["inference_voxelize"], "inference_unet_ms": results["inference_unet"],
         "inference_unfused_amp_ms_per_frame": results["inference_unfused"],
+        "test_views": cfg.model.test_views, "inference_views_ms_per_frame": results.get("inference_views"),
         "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else None,
         "repeats": repeats, "machine": machine_info(),
     }
@@ -160,6 +172,8 @@ def format_table(r: dict) -> str:
             ("inference per frame (ms)", f"{r['inference_ms_per_frame']:.1f}"),
             ("  voxelize / U-Net (ms)", f"{r['inference_voxelize_ms']:.1f} / {r['inference_unet_ms']:.1f}"),
             ("  unfused SpUNet, autocast (ms)", f"{r['inference_unfused_amp_ms_per_frame']:.1f}"),
+            *([(f"  with {r['test_views']} test views (ms)", f"{r['inference_views_ms_per_frame']:.1f}")]
+              if r.get("inference_views_ms_per_frame") is not None else []),
             ("peak GPU memory (MB)", "n/a" if r["peak_gpu_memory_mb"] is None else f"{r['peak_gpu_memory_mb']:.0f}")]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

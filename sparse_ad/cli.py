@@ -30,6 +30,12 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 
+def _add_views_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--views", type=int, choices=(1, 2, 4, 8),
+                   help="mirrored copies averaged per voxel (test-time augmentation); default: the checkpoint's "
+                        "model.test_views, the count its threshold was calibrated with")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparse-ad", formatter_class=_Formatter,
@@ -77,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-frames", action="store_true", help="score every frame, not only held-out scenarios")
     p.add_argument("--histogram-bins", type=int, default=0,
                    help="approximate metrics with this many score bins over [0, 1] (flat memory for huge splits)")
+    _add_views_arg(p)
 
     p = _sub(subs, "eval-preds", "score any method's prediction files with the AnoVox protocol",
              "sparse-ad eval-preds --pred-dir preds/ --data /data/AnoVox_Town07 --out metrics.json")
@@ -94,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--bev", action="store_true", help="also write bird's-eye PNGs")
+    _add_views_arg(p)
 
     p = _sub(subs, "bench-voxelize", "benchmark the voxelizer (prints a table, writes JSON)",
              "sparse-ad bench-voxelize --sizes 120000,1000000 --out bench.json")
@@ -178,7 +186,7 @@ def _cmd_eval(args):
     from sparse_ad.engine.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.checkpoint, args.out, data=args.data, all_frames=args.all_frames,
-                        histogram_bins=args.histogram_bins)
+                        histogram_bins=args.histogram_bins, views=args.views)
     return 0
 
 
@@ -195,7 +203,7 @@ def _cmd_eval_preds(args):
 def _cmd_predict(args):
     from sparse_ad.export import predict_split
 
-    predict_split(args.checkpoint, args.data, args.out, bev=args.bev)
+    predict_split(args.checkpoint, args.data, args.out, bev=args.bev, views=args.views)
     return 0
 
 

@@ -80,6 +80,7 @@ class ModelConfig:
     blocks_per_level: int = 2
     scene_head: bool = False
     head_prior: float = 0.01       # initial P(anomaly) of the voxel head (RetinaNet bias init)
+    test_views: int = 1            # mirrored copies averaged when scoring (validation, eval, predict): models/tta.py
 
 
 @dataclass

@@ -64,6 +64,15 @@ def test_predict_then_eval_preds_equals_eval(trained, tmp_path):
             assert ep[section][key] == pytest.approx(ev[section][key], abs=1e-7), (section, key)
     assert set(ev["by_size"]) == {"large"}  # the fixture's anomaly is 2.0 m at its largest → large
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["frames"] == 12
+    # test-time augmentation on request: other scores on the same voxels, and a warning that
+    # the stored threshold was calibrated with the checkpoint's own view count
+    assert ev["views"] == cfg.model.test_views
+    views = 2 if cfg.model.test_views != 2 else 4
+    with pytest.warns(UserWarning, match="calibrated with"):
+        assert predict_split(run / "best.pt", cfg.data.root, tmp_path / "p2", progress=False, views=views) == 12
+    other = np.load(tmp_path / "p2" / f.relative_to(preds), allow_pickle=False)
+    np.testing.assert_array_equal(other[:, :3], rows[:, :3])
+    assert np.abs(other[:, 3] - rows[:, 3]).max() > 1e-6
 
 
 def test_eval_preds_protocol_on_crafted_grid(tiny_split, tmp_path):
@@ -113,10 +122,11 @@ def test_eval_preds_histogram_mode_matches_exact_on_binned_scores(tiny_split, tm
 def test_bench_model_smoke():
     from sparse_ad.bench_model import bench_model, format_table
 
-    r = bench_model(None, ["model.channels=[8,16]", "model.blocks_per_level=1"], points=4000, batch_size=1,
-                    repeats=1, warmup=0, device="cpu")
+    r = bench_model(None, ["model.channels=[8,16]", "model.blocks_per_level=1", "model.test_views=4"], points=4000,
+                    batch_size=1, repeats=1, warmup=0, device="cpu")
     assert r["train_frames_per_s"] > 0 and r["inference_ms_per_frame"] > 0 and r["voxels_per_frame"] > 100
-    assert "training throughput" in format_table(r)
+    assert r["test_views"] == 4 and r["inference_views_ms_per_frame"] > 0
+    assert "training throughput" in format_table(r) and "with 4 test views" in format_table(r)
 
 
 def test_weight_average_follows_the_weights_with_a_ramped_decay():

@@ -93,17 +93,26 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
     return result
 
 
-def load_checkpoint_model(checkpoint: Path, device: torch.device):
+def load_checkpoint_model(checkpoint: Path, device: torch.device, views: int | None = None):
     """(inference model, resolved Config, checkpoint dict) from a checkpoint file: BN folded into
-    the convs (`fuse_for_inference`), fp16 on CUDA, fp32 (exact to ~1e-6) on CPU."""
+    the convs (`fuse_for_inference`), fp16 on CUDA, fp32 (exact to ~1e-6) on CPU.
+
+    `views` overrides the checkpoint's `model.test_views` (its threshold was calibrated with
+    those, so a different count shifts what the stored threshold detects: warned)."""
     from sparse_ad.engine.checkpoint import load
     from sparse_ad.models.inference import fuse_for_inference
     from sparse_ad.models.spunet import build_model
+    from sparse_ad.models.tta import check_views
 
     ck = load(checkpoint)
     if not ck.get("config"):
         raise SparseADError(f"{checkpoint}: holds no config; it was not written by `sparse-ad train`")
     cfg = config_from_saved(ck["config"], str(checkpoint))
+    if views is not None and views != cfg.model.test_views:
+        warnings.warn(f"scoring with {views} view(s); the stored threshold was calibrated with "
+                      f"{cfg.model.test_views}, so recall/precision/F1 at it are off-calibration", stacklevel=2)
+        cfg.model.test_views = views
+    check_views(cfg.model.test_views, cfg.grid.shape)
     model = build_model(cfg.model)
     model.load_state_dict(ck["model"])
     return fuse_for_inference(model.to(device).eval(), half=device.type == "cuda"), cfg, ck
@@ -112,7 +121,8 @@ def load_checkpoint_model(checkpoint: Path, device: torch.device):
 def predict_frames(model, cfg: Config, refs: list[FrameRef], device: torch.device, progress: bool = True,
                    desc: str = "predict"):
     """Yield (ref, keys (K,) int64, coords (K, 3) int32, scores (K,) float32) per frame,
-    unaugmented, on the AnoVox grid. Frames that fail to load are skipped with a warning."""
+    unaugmented, on the AnoVox grid (averaged over `cfg.model.test_views` mirrored copies).
+    Frames that fail to load are skipped with a warning."""
     from tqdm import tqdm
 
     from sparse_ad.data.batch import collate, voxelize_batch
@@ -127,20 +137,21 @@ def predict_frames(model, cfg: Config, refs: list[FrameRef], device: torch.devic
             warnings.warn(f"skipping frame: {batch.skipped[0]}", stacklevel=2)
             continue
         vb = voxelize_batch(batch, grid, device)
-        scores = frame_scores(model, vb, grid, amp=device.type == "cuda")
+        scores = frame_scores(model, vb, grid, amp=device.type == "cuda", views=cfg.model.test_views)
         yield refs[i], vb.keys.cpu().numpy(), vb.coords.cpu().numpy(), scores.cpu().numpy()
 
 
 def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, all_frames: bool = False,
-                        device: str = "auto", progress: bool = True, histogram_bins: int = 0) -> dict:
+                        device: str = "auto", progress: bool = True, histogram_bins: int = 0,
+                        views: int | None = None) -> dict:
     """Run a checkpoint on the held-out scenarios (or every frame) and score it (exact, or
-    binned with flat memory when `histogram_bins` > 0)."""
+    binned with flat memory when `histogram_bins` > 0); `views`: see `load_checkpoint_model`."""
     from sparse_ad.data.dataset import split_scenarios
     from sparse_ad.engine.runtime import pick_device
     from sparse_ad.plots import plot_curves
 
     dev = pick_device(device)
-    model, cfg, ck = load_checkpoint_model(checkpoint, dev)
+    model, cfg, ck = load_checkpoint_model(checkpoint, dev, views)
     if data:
         cfg.data.root = str(data)
     from sparse_ad.engine.runtime import resolve_data_root
@@ -160,7 +171,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, a
     threshold = float(ck.get("threshold", 0.5))
     result = acc.result(threshold)
     result.update({"checkpoint": str(checkpoint), "epoch": ck.get("epoch"),
-                   "frames_scope": "all" if all_frames else "held-out scenarios"})
+                   "frames_scope": "all" if all_frames else "held-out scenarios", "views": cfg.model.test_views})
     out = Path(out)
     _write_json(out / "metrics.json", result)
     plot_curves(acc, out / "curves.png")

@@ -148,6 +148,9 @@ def datasets(cfg: Config) -> tuple[FrameDataset, FrameDataset]:
 
 
 def setup_runtime(cfg: Config, run_dir: Path) -> Runtime:
+    from sparse_ad.models.tta import check_views
+
+    check_views(cfg.model.test_views, cfg.grid.shape)  # before any data work: a config error
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

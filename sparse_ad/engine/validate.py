@@ -15,20 +15,28 @@ DECISION_THRESHOLD = 0.5
 
 
 @torch.no_grad()
-def frame_scores(model, vb, grid, amp: bool) -> torch.Tensor:
+def frame_scores(model, vb, grid, amp: bool, views: int = 1) -> torch.Tensor:
     """Anomaly probability (M,) float32 for every voxel of a VoxelBatch (on its device).
 
     `model` is a SpUNet (autocast when `amp`) or an `InferenceUNet`, which carries its own
     dtype (autocast does not reach spconv's convs anyway). The voxelizer's coordinates are in
-    range by construction, so the range check (a host sync) is skipped."""
+    range by construction, so the range check (a host sync) is skipped. `views` > 1 averages
+    the probabilities of that many mirrored copies (`sparse_ad.models.tta`), run as one batch
+    of `views` x B frames: one forward pass, so the per-call costs are paid once."""
     from sparse_ad.models.inference import InferenceUNet
     from sparse_ad.models.sparse_tensor import to_sparse_tensor
+    from sparse_ad.models.tta import view
 
-    x = to_sparse_tensor(vb.features, vb.coords, vb.batch_index, grid.shape, vb.batch_size, check_range=False)
+    copies = [view(vb.features, vb.coords, grid.shape, v) for v in range(views)]
+    features = torch.cat([f for f, _ in copies]) if views > 1 else copies[0][0]
+    coords = torch.cat([c for _, c in copies]) if views > 1 else copies[0][1]
+    batch_index = torch.cat([vb.batch_index + v * vb.batch_size for v in range(views)]) if views > 1 \
+        else vb.batch_index
+    x = to_sparse_tensor(features, coords, batch_index, grid.shape, vb.batch_size * views, check_range=False)
     amp = amp and not isinstance(model, InferenceUNet)
     with torch.autocast(vb.features.device.type, enabled=amp, dtype=torch.float16):
         out = model(x)
-    return torch.sigmoid(out.voxel_logits.float())
+    return torch.sigmoid(out.voxel_logits.float()).view(views, -1).mean(0)
 
 
 @torch.no_grad()
@@ -46,7 +54,7 @@ def validate(cfg, rt, model, epoch: int) -> dict:
         if len(batch) == 0:
             continue
         vb = voxelize_batch(batch, rt.grid, rt.device)
-        scores = frame_scores(model, vb, rt.grid, rt.amp).cpu().numpy()
+        scores = frame_scores(model, vb, rt.grid, rt.amp, views=cfg.model.test_views).cpu().numpy()
         valid, targets = vb.valid.cpu().numpy(), vb.targets.cpu().numpy() > 0
         for b in range(vb.batch_size):
             rows = slice(vb.offsets[b], vb.offsets[b + 1])
