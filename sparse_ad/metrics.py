@@ -148,6 +148,20 @@ class ScoreAccumulator:
             m.positive_rate = (tp + fp) / (p + n) if p + n else None
         return m
 
+    def normal_fraction_ge(self, scores) -> np.ndarray:
+        """For each given score, the fraction of normal voxels scoring >= it (in histogram
+        mode: in its bin or above). How many false alarms come before an object whose
+        median voxel scores that much (`protocol.object_summary`)."""
+        s = np.asarray(scores, np.float64).reshape(-1)
+        n = self.num_voxels - self.num_anomalies
+        if n == 0:
+            return np.zeros(len(s))
+        if self._edges is None:
+            _, neg = self._finalize()
+            return (len(neg) - np.searchsorted(neg, s, side="left")) / n
+        above = np.cumsum(self._hist[0][::-1])[::-1]     # normals in bin b or above
+        return above[self._bin(s)] / n
+
     def threshold_for_recall(self, target_recall: float) -> float:
         """The largest threshold whose recall is at least `target_recall` (calibrate on
         validation, then pass it to `compute` on test)."""

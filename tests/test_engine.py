@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sparse_ad.config import load_config
+from sparse_ad.data.anovox import open_split
 from sparse_ad.engine.evaluate import evaluate_checkpoint, evaluate_predictions
 from sparse_ad.engine.train import train
 from sparse_ad.export import predict_split
@@ -63,6 +64,11 @@ def test_predict_then_eval_preds_equals_eval(trained, tmp_path):
         for key in ("auroc", "aupr", "fpr95", "recall", "voxels", "anomaly_voxels"):
             assert ep[section][key] == pytest.approx(ev[section][key], abs=1e-7), (section, key)
     assert set(ev["by_size"]) == {"large"}  # the fixture's anomaly is 2.0 m at its largest → large
+    # one object per anomaly frame, named, and the same from a checkpoint as from its files
+    assert ev["objects"]["objects"] == ev["anomaly_frames"] > 0
+    names = {r.name for r in open_split(cfg.data.root, need_gt=True).frames}
+    assert all(o["frame"] in names and o["size"] == "large" for o in ev["objects"]["worst"])
+    assert ep["objects"] == ev["objects"]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["frames"] == 12
     # test-time augmentation on request: other scores on the same voxels, and a warning that
     # the stored threshold was calibrated with the checkpoint's own view count

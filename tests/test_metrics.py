@@ -185,3 +185,43 @@ def test_best_f1_threshold_and_curves_match_sklearn():
     fpr, tpr, _ = roc_curve(y, s)
     assert abs(np.trapezoid(c.tpr, c.fpr) - np.trapezoid(tpr, fpr)) < 1e-9
     assert abs(np.trapezoid(c.tpr, c.fpr) - acc.compute().auroc) < 1e-9
+
+
+def test_object_summary_counts_and_ranks_each_anomaly_frame():
+    from sparse_ad.engine.protocol import ProtocolAccumulator
+
+    for bins in (0, 1000):
+        acc = ProtocolAccumulator(histogram_bins=bins)
+        acc.add_frame(np.full(50, 0.99, np.float32), np.zeros(50, bool), name="normal")  # not an object
+        # object A shares its frame with 101 normals in [0, 0.5]; its median 0.9 beats them all.
+        # B: one voxel at 0.6, median 0.25 (half the normals score that much); C: missed (0.05)
+        normals = np.linspace(0.0, 0.5, 101, dtype=np.float32)
+        acc.add_frame(np.r_[normals, 0.9, 0.95, 0.7], np.r_[np.zeros(101, bool), True, True, True],
+                      size=(2.0, 1.0, 1.0), name="A")
+        acc.add_frame([0.6, 0.25, 0.2, 0.25, 0.3], [True] * 5, name="B")
+        acc.add_frame([0.05, 0.05], [True, True], size=0.4, name="C")
+        ob = acc.result(threshold=0.55)["objects"]
+        # the normal frame's 0.99s are not in the anomalies-only pool, so A still beats 99%
+        counts = (ob["objects"], ob["detected"], ob["median_detected"], ob["median_above_99pct_of_normals"])
+        assert counts == (3, 2, 1, 1)
+        assert [o["frame"] for o in ob["worst"]] == ["C", "B", "A"]
+        c, b, a = ob["worst"]
+        assert (a["size"], b["size"], c["size"]) == ("large", None, "small")
+        assert (a["voxels"], a["median_score"], a["max_score"]) == (3, pytest.approx(0.9), pytest.approx(0.95))
+        tol = 0.011 if bins else 1e-9
+        assert c["normals_at_or_above_median"] == pytest.approx(91 / 101, abs=tol)
+        assert b["normals_at_or_above_median"] == pytest.approx(51 / 101, abs=tol)
+        assert a["normals_at_or_above_median"] == 0.0
+
+
+def test_normal_fraction_ge_exact_and_binned():
+    rng = np.random.default_rng(3)
+    s = rng.random(5000).astype(np.float32)
+    y = rng.random(5000) < 0.1
+    exact, binned = ScoreAccumulator(), ScoreAccumulator(histogram_bins=100, score_range=(0.0, 1.0))
+    for acc in (exact, binned):
+        acc.update(s, y)
+    q = np.array([0.0, 0.25, 0.5, 0.99, 1.0])
+    want = np.array([(s[~y] >= v).mean() for v in q])
+    np.testing.assert_allclose(exact.normal_fraction_ge(q), want)
+    np.testing.assert_allclose(binned.normal_fraction_ge(q), want, atol=0.02)   # bin-level rounding

@@ -80,7 +80,7 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
         keys, scores = load_prediction(path, grid)
         gt_file = ref.scenario.voxel_grid_file(ref.frame)
         gt = GroundTruth.from_rows(load_voxel_grid(gt_file), grid, str(gt_file))
-        acc.add_frame(*scored_voxels(keys, scores, gt, lut), size=frame_size(ref))
+        acc.add_frame(*scored_voxels(keys, scores, gt, lut), size=frame_size(ref), name=ref.name)
     if acc.frames == 0:
         raise SparseADError(f"{pred_dir}: no prediction file matches a frame of {data}; expected names like "
                             f"{prediction_file(pred_dir, split.frames[0])}")
@@ -167,7 +167,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, a
     for ref, keys, _, scores in predict_frames(model, cfg, refs, dev, progress, desc="eval"):
         gt_file = ref.scenario.voxel_grid_file(ref.frame)
         gt = GroundTruth.from_rows(load_voxel_grid(gt_file), grid, str(gt_file))
-        acc.add_frame(*scored_voxels(keys, scores, gt, lut), size=frame_size(ref))
+        acc.add_frame(*scored_voxels(keys, scores, gt, lut), size=frame_size(ref), name=ref.name)
     threshold = float(ck.get("threshold", 0.5))
     result = acc.result(threshold)
     result.update({"checkpoint": str(checkpoint), "epoch": ck.get("epoch"),
@@ -201,4 +201,12 @@ def format_metrics(result: dict) -> str:
         lines.append(f"{name:<20}" + "".join(cells))
     lines.append(f"threshold {result['threshold']:.4f} | frames {result['frames']} "
                  f"({result['anomaly_frames']} with anomalies)")
+    ob = result.get("objects", {})
+    if ob.get("objects"):
+        lines.append(f"objects (one per anomaly frame): {ob['objects']} | a voxel detected: {ob['detected']} | "
+                     f"median voxel detected: {ob['median_detected']} | median voxel above 99% of normal voxels: "
+                     f"{ob['median_above_99pct_of_normals']}")
+        for o in ob["worst"][:3]:
+            lines.append(f"  hardest: {o['frame']} ({o['size'] or 'size ?'}, {o['voxels']} voxels): "
+                         f"{o['normals_at_or_above_median']:.2%} of normal voxels score >= its median voxel")
     return "\n".join(lines)

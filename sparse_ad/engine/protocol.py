@@ -4,6 +4,11 @@ Only voxels present in BOTH the prediction and the ground truth are scored (join
 linear key), ignore tags are dropped, and scores are pooled over all frames. Results are
 reported over all frames ("normality included"), over frames whose ground truth holds
 anomaly voxels that the prediction covers ("anomalies only"), and per anomaly size.
+
+Beside the benchmark's voxel metrics, `objects` looks at each frame's anomaly as one object
+(AnoVox places one per scenario): is any of its voxels detected, and how many normal voxels
+score above its median voxel. Pooled voxel AUPR hides which objects are missed (a few large
+ones dominate it); this names them.
 """
 
 from __future__ import annotations
@@ -54,18 +59,21 @@ class ProtocolAccumulator:
     all: ScoreAccumulator = field(init=False)
     anomalies_only: ScoreAccumulator = field(init=False)
     by_size: dict = field(init=False)
+    objects: list = field(init=False)   # per anomaly frame: name, size, voxels, median, max
 
     def __post_init__(self):
         self.all = self._new()
         self.anomalies_only = self._new()
         self.by_size = {}
+        self.objects = []
 
     def _new(self) -> ScoreAccumulator:
         """Exact, or binned over [0, 1] (scores here are probabilities) for flat memory."""
         return ScoreAccumulator(histogram_bins=self.histogram_bins, score_range=(0.0, 1.0 + 1e-6))
 
-    def add_frame(self, scores: np.ndarray, labels: np.ndarray, size=None) -> None:
-        """scores: (K,) float of scored voxels; labels: (K,) bool anomaly."""
+    def add_frame(self, scores: np.ndarray, labels: np.ndarray, size=None, name: str | None = None) -> None:
+        """scores: (K,) float of scored voxels; labels: (K,) bool anomaly; size: the ANOMALY
+        csv `size`; name: the frame, for the per-object list."""
         scores = np.asarray(scores, np.float32)
         labels = np.asarray(labels, bool)
         self.frames += 1
@@ -78,11 +86,32 @@ class ProtocolAccumulator:
                 if bucket not in self.by_size:
                     self.by_size[bucket] = self._new()
                 self.by_size[bucket].update(scores, labels)
+            hit = scores[labels]
+            self.objects.append({"frame": name or f"#{self.frames - 1}", "size": bucket, "voxels": int(len(hit)),
+                                 "median_score": float(np.median(hit)), "max_score": float(hit.max())})
 
     def result(self, threshold: float) -> dict:
         out = {"frames": self.frames, "anomaly_frames": self.anomaly_frames, "threshold": threshold,
                "normality_included": self.all.compute(threshold).to_dict(),
                "anomalies_only": self.anomalies_only.compute(threshold).to_dict(),
                "by_size": {name: self.by_size[name].compute(threshold).to_dict()
-                           for name, _, _ in SIZE_BUCKETS if name in self.by_size}}
+                           for name, _, _ in SIZE_BUCKETS if name in self.by_size},
+               "objects": object_summary(self.objects, self.anomalies_only, threshold)}
         return out
+
+
+def object_summary(objects: list[dict], pool: ScoreAccumulator, threshold: float, worst: int = 10) -> dict:
+    """Object-level view of the anomalies-only pool: how many objects have a voxel at or above
+    `threshold` (`detected`) or their median voxel there (`median_detected`), how many have
+    their median voxel above 99% of the pool's normal voxels, and the `worst` objects by the
+    fraction of normal voxels scoring at least their median (each with that fraction)."""
+    if not objects:
+        return {"objects": 0}
+    median = np.array([o["median_score"] for o in objects])
+    peak = np.array([o["max_score"] for o in objects])
+    above = pool.normal_fraction_ge(median)
+    order = np.argsort(-above, kind="stable")[:worst]
+    return {"objects": len(objects), "detected": int((peak >= threshold).sum()),
+            "median_detected": int((median >= threshold).sum()),
+            "median_above_99pct_of_normals": int((above <= 0.01).sum()),
+            "worst": [{**objects[i], "normals_at_or_above_median": float(above[i])} for i in order]}

@@ -215,10 +215,11 @@ def _record_epoch(cfg, rt, run_dir, state, sched, epoch, stats, metrics, writer)
     if not rt.is_main:
         return
     alarm = metrics.get("collapse")
-    na, ai = metrics["normality_included"], metrics["anomalies_only"]
+    na, ai, ob = metrics["normality_included"], metrics["anomalies_only"], metrics.get("objects", {})
     _log(rt, f"epoch {epoch + 1}: loss {entry['train_loss']:.4f} | anomalies-only AUROC {_f(ai.get('auroc'))} "
              f"AUPR {_f(ai.get('aupr'))} FPR95 {_f(ai.get('fpr95'))} | recall {_f(na.get('recall'))} "
              f"detections {na.get('detections')} positive rate {_f(na.get('positive_rate'), 5)}"
+             + (f" | objects detected {ob['detected']}/{ob['objects']}" if ob.get("objects") else "")
              + (" | best" if improved else ""))
     if alarm:
         _log(rt, f"COLLAPSE ALARM: {alarm}")
@@ -230,6 +231,8 @@ def _record_epoch(cfg, rt, run_dir, state, sched, epoch, stats, metrics, writer)
             for k, v in metrics[section].items():
                 if isinstance(v, (int, float)) and v is not None and not (isinstance(v, float) and math.isnan(v)):
                     writer.add_scalar(f"val_{section}/{k}", v, epoch + 1)
+        if ob.get("objects"):
+            writer.add_scalar("val_objects/detected_fraction", ob["detected"] / ob["objects"], epoch + 1)
         writer.add_scalar("train/epoch_loss", entry["train_loss"], epoch + 1)
         writer.add_scalar("val/collapse", 1.0 if alarm else 0.0, epoch + 1)
         writer.flush()

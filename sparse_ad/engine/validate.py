@@ -59,10 +59,11 @@ def validate(cfg, rt, model, epoch: int) -> dict:
         for b in range(vb.batch_size):
             rows = slice(vb.offsets[b], vb.offsets[b + 1])
             keep = valid[rows]
-            acc.add_frame(scores[rows][keep], targets[rows][keep])
+            acc.add_frame(scores[rows][keep], targets[rows][keep], name=vb.names[b])
     model.train()
     threshold = acc.all.best_f1_threshold()
     metrics = acc.result(threshold)
+    metrics["objects"].pop("worst", None)   # per-epoch history keeps the counts, not the list
     at_decision = acc.all.compute(DECISION_THRESHOLD).to_dict()
     metrics["at_decision_threshold"] = {k: at_decision[k] for k in ("recall", "detections", "positive_rate")}
     metrics["collapse"] = collapse_reason(metrics)
