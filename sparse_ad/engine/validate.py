@@ -25,14 +25,11 @@ def frame_scores(model, vb, grid, amp: bool, views: int = 1) -> torch.Tensor:
     of `views` x B frames: one forward pass, so the per-call costs are paid once."""
     from sparse_ad.models.inference import InferenceUNet
     from sparse_ad.models.sparse_tensor import to_sparse_tensor
-    from sparse_ad.models.tta import view
+    from sparse_ad.models.tta import stacked_views
 
-    copies = [view(vb.features, vb.coords, grid.shape, v) for v in range(views)]
-    features = torch.cat([f for f, _ in copies]) if views > 1 else copies[0][0]
-    coords = torch.cat([c for _, c in copies]) if views > 1 else copies[0][1]
-    batch_index = torch.cat([vb.batch_index + v * vb.batch_size for v in range(views)]) if views > 1 \
-        else vb.batch_index
-    x = to_sparse_tensor(features, coords, batch_index, grid.shape, vb.batch_size * views, check_range=False)
+    features, coords, batch_index, n = stacked_views(vb.features, vb.coords, vb.batch_index, vb.batch_size,
+                                                     grid.shape, views)
+    x = to_sparse_tensor(features, coords, batch_index, grid.shape, n, check_range=False)
     amp = amp and not isinstance(model, InferenceUNet)
     with torch.autocast(vb.features.device.type, enabled=amp, dtype=torch.float16):
         out = model(x)

@@ -47,3 +47,15 @@ def view(features: torch.Tensor, coords: torch.Tensor, shape, v: int) -> tuple[t
             c[:, axis] = int(shape[axis]) - 1 - c[:, axis]
             f[:, col] = -f[:, col]
     return f, c
+
+
+def stacked_views(features: torch.Tensor, coords: torch.Tensor, batch_index: torch.Tensor, batch_size: int,
+                  shape, views: int):
+    """All `views` copies of a batch as one batch of views x batch_size frames: (features,
+    coords, batch_index, batch_size). Rows come view by view in the input's row order (view v
+    of frame b is batch element v * batch_size + b), so per-view outputs reshape to (views, M)."""
+    if views == 1:
+        return features, coords, batch_index, batch_size
+    copies = [view(features, coords, shape, v) for v in range(views)]
+    return (torch.cat([f for f, _ in copies]), torch.cat([c for _, c in copies]),
+            torch.cat([batch_index + v * batch_size for v in range(views)]), batch_size * views)
