@@ -31,7 +31,9 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None
 
 
 def _add_views_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--views", type=int, choices=(1, 2, 4, 8),
+    from sparse_ad.config import TEST_VIEW_COUNTS
+
+    p.add_argument("--views", type=int, choices=TEST_VIEW_COUNTS,
                    help="mirrored copies averaged per voxel (test-time augmentation); default: the checkpoint's "
                         "model.test_views, the count its threshold was calibrated with")
 

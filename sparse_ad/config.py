@@ -72,6 +72,10 @@ class AugmentConfig:
     jitter_m: float = 0.01
 
 
+TEST_VIEW_COUNTS = (1, 2, 4, 8)
+"""Allowed `model.test_views`: the first 1, 2, 4 or all 8 of `models.tta.VIEWS`."""
+
+
 @dataclass
 class ModelConfig:
     in_channels: int = 6           # intensity, log count, offset xyz, normalized height

@@ -78,7 +78,7 @@ def test_averaged_scores_do_not_depend_on_the_pose_among_the_views(n):
 def test_view_counts_are_checked():
     check_views(8, (4, 4, 2))
     check_views(4, (4, 6, 2))
-    with pytest.raises(ConfigError, match="1, 2, 4 or 8"):
+    with pytest.raises(ConfigError, match=r"one of \(1, 2, 4, 8\), found 3"):
         check_views(3, (4, 4, 2))
     with pytest.raises(ConfigError, match="square"):
         check_views(8, (4, 6, 2))

@@ -23,10 +23,11 @@ _OX, _OY = VOXEL_FEATURES.index("offset_x"), VOXEL_FEATURES.index("offset_y")
 
 def check_views(n_views: int, shape) -> None:
     """Refuse a view count the grid cannot take (a config error, named)."""
+    from sparse_ad.config import TEST_VIEW_COUNTS
     from sparse_ad.errors import ConfigError
 
-    if n_views not in (1, 2, 4, 8):
-        raise ConfigError(f"model.test_views: expected 1, 2, 4 or 8, found {n_views}")
+    if n_views not in TEST_VIEW_COUNTS:
+        raise ConfigError(f"model.test_views: expected one of {TEST_VIEW_COUNTS}, found {n_views}")
     if n_views == 8 and shape[0] != shape[1]:
         raise ConfigError(f"model.test_views=8 swaps x and y, which needs a square x-y grid; the grid is "
                           f"{tuple(shape)}: use 4")
