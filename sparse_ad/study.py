@@ -25,7 +25,9 @@ from sparse_ad.config import config_to_dict, load_config
 from sparse_ad.errors import ConfigError, SparseADError
 from sparse_ad.io import atomic_write_text
 
-METRICS = ("auroc", "aupr", "fpr95", "recall")
+METRICS = ("auroc", "aupr", "fpr95", "recall", "objects_found")
+"""Anomalies-only voxel metrics, and the share of objects whose median voxel scores above 99% of
+the normal voxels (`protocol.object_summary`): less noisy than pooled AUPR on few objects."""
 
 
 def add_study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -80,15 +82,20 @@ def _one_seed(base, seed: int, test_root: Path, run_dir: Path) -> dict:
     if summary.get("stopped"):
         raise SparseADError(f"seed {seed}: training was stopped ({run_dir}); run the same command again to "
                             "resume")
-    held_out = summary["best"]["anomalies_only"]
     test = evaluate_checkpoint(run_dir / "best.pt", run_dir / "test", data=test_root, all_frames=True,
-                               progress=False)["anomalies_only"]
+                               progress=False)
     row = {"seed": seed, "best_epoch": summary["best_epoch"], "epochs": summary["epochs"],
-           "train_minutes": round(minutes, 2),
-           "held_out": {k: held_out.get(k) for k in (*METRICS, "anomaly_voxels")},
-           "test": {k: test.get(k) for k in (*METRICS, "anomaly_voxels")}}
+           "train_minutes": round(minutes, 2), "held_out": _scope(summary["best"]), "test": _scope(test)}
     atomic_write_text(done, json.dumps(row, indent=2))
     return row
+
+
+def _scope(metrics: dict) -> dict:
+    """The study's numbers from one metrics dict (validation's best epoch, or `eval`'s JSON)."""
+    out = {k: metrics["anomalies_only"].get(k) for k in (*METRICS, "anomaly_voxels") if k != "objects_found"}
+    ob = metrics.get("objects", {})
+    out["objects_found"] = ob["median_above_99pct_of_normals"] / ob["objects"] if ob.get("objects") else None
+    return out
 
 
 def _summary(scopes: list[dict]) -> dict:

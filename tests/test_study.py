@@ -26,6 +26,7 @@ def test_study_trains_each_seed_scores_both_splits_and_reuses_finished_seeds(tmp
     for r in result["runs"]:
         assert r["held_out"]["anomaly_voxels"] > 0 and r["test"]["anomaly_voxels"] > 0
         assert 0.0 <= r["test"]["auroc"] <= 1.0
+        assert 0.0 <= r["test"]["objects_found"] <= 1.0 and 0.0 <= r["held_out"]["objects_found"] <= 1.0
     assert {p.name for p in (tmp_path / "cache").iterdir()} >= {"synth_s4_f1_a1_seed0", "synth_s4_f1_a1_seed1",
                                                                  "synth_s4_f1_a1_seed9"}
     same_test = {r["test"]["anomaly_voxels"] for r in result["runs"]}
