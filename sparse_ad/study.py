@@ -25,7 +25,8 @@ from sparse_ad.config import config_to_dict, load_config
 from sparse_ad.errors import ConfigError, SparseADError
 from sparse_ad.io import atomic_write_text
 
-METRICS = ("auroc", "aupr", "fpr95", "recall", "objects_found")
+VOXEL_METRICS = ("auroc", "aupr", "fpr95", "recall")
+METRICS = (*VOXEL_METRICS, "objects_found")
 """Anomalies-only voxel metrics, and the share of objects whose median voxel scores above 99% of
 the normal voxels (`protocol.object_summary`): less noisy than pooled AUPR on few objects."""
 
@@ -92,7 +93,7 @@ def _one_seed(base, seed: int, test_root: Path, run_dir: Path) -> dict:
 
 def _scope(metrics: dict) -> dict:
     """The study's numbers from one metrics dict (validation's best epoch, or `eval`'s JSON)."""
-    out = {k: metrics["anomalies_only"].get(k) for k in (*METRICS, "anomaly_voxels") if k != "objects_found"}
+    out = {k: metrics["anomalies_only"].get(k) for k in (*VOXEL_METRICS, "anomaly_voxels")}
     ob = metrics.get("objects", {})
     out["objects_found"] = ob["median_above_99pct_of_normals"] / ob["objects"] if ob.get("objects") else None
     return out

@@ -3,8 +3,9 @@ checkpoints export when `train.ema_decay` > 0.
 
 With a few dozen anomalies per split, the validation AUPR of the raw weights swings by a
 factor of two from one epoch to the next (one bad step re-ranks a handful of objects); the
-average over the last ~1 / (1 - decay) steps moves smoothly, so best.pt is picked on a
-steadier curve and generalizes better. BatchNorm statistics are averaged like the weights.
+average over the last ~1 / (1 - decay) steps (fewer in short runs, see `update`) moves
+smoothly, so best.pt is picked on a steadier curve and generalizes better. BatchNorm
+statistics are averaged like the weights.
 """
 
 from __future__ import annotations
