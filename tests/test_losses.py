@@ -39,6 +39,18 @@ def test_class_balanced_weights_by_hand():
         class_balanced_weights([1, 1], 1.0)
 
 
+
+def test_the_log_says_how_much_an_anomaly_weighs_on_this_split():
+    """The same beta weighs anomalies ~33x on the demo's split and ~1x on a split 300x larger:
+    the training log says which (a user moving from the demo to real data should see it)."""
+    from sparse_ad.engine.checkpoint import _weight_note
+
+    assert "33.4x" in _weight_note(LossConfig(beta=0.9999), [671_530, 304])
+    assert "1.0x" in _weight_note(LossConfig(beta=0.9999), [100_000_000, 100_000])
+    assert "10.5x" in _weight_note(LossConfig(beta=0.999999), [100_000_000, 100_000])
+    assert _weight_note(LossConfig(kind="bce"), [671_530, 304]) == ""
+    assert _weight_note(LossConfig(supervision="mil"), [671_530, 304]) == ""
+
 def test_focal_by_hand():
     x, t = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0])
     w = torch.tensor([0.5, 1.5])

@@ -197,7 +197,7 @@ def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
         counts = class_counts(cfg, rt, run_dir)
         if rt.is_main:
             print(f"class counts over the training split: {counts[0]} normal / {counts[1]} anomaly voxels "
-                  f"({counts[1] / max(sum(counts), 1):.4%} anomalous)")
+                  f"({counts[1] / max(sum(counts), 1):.4%} anomalous){_weight_note(cfg.loss, counts)}")
         if counts[1] == 0:
             import warnings
 
@@ -218,3 +218,15 @@ def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
         state.threshold, state.history = float(ck["threshold"]), list(ck["history"])
         state.scheduler_state = ck["scheduler"]
     return state
+
+
+def _weight_note(loss_cfg, counts) -> str:
+    """What β means on this split: the class-balanced weights depend on the class counts, so
+    the same β weighs anomalies very differently on a small and a large split (README)."""
+    from sparse_ad.losses import class_balanced_weights
+
+    if loss_cfg.kind != "focal" or loss_cfg.supervision == "mil" or counts[1] == 0:
+        return ""
+    w = class_balanced_weights(counts, loss_cfg.beta)
+    return f"; class-balanced weights (beta {loss_cfg.beta:g}): an anomaly voxel weighs {float(w[1] / w[0]):.1f}x a normal one"
+
