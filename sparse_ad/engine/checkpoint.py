@@ -228,5 +228,6 @@ def _weight_note(loss_cfg, counts) -> str:
     if loss_cfg.kind != "focal" or loss_cfg.supervision == "mil" or counts[1] == 0:
         return ""
     w = class_balanced_weights(counts, loss_cfg.beta)
-    return f"; class-balanced weights (beta {loss_cfg.beta:g}): an anomaly voxel weighs {float(w[1] / w[0]):.1f}x a normal one"
+    return (f"; class-balanced weights (beta {loss_cfg.beta:g}): an anomaly voxel weighs "
+            f"{float(w[1] / w[0]):.1f}x a normal one")
 
