@@ -92,7 +92,7 @@ class LossConfig:
     kind: str = "focal"            # focal | bce
     supervision: str = "voxel"     # voxel | scene | mil
     gamma: float = 2.0
-    beta: float = 0.999999         # class-balanced effective-number beta (chosen by experiment, README)
+    beta: float = 0.999999         # class-balanced effective-number beta; its weights depend on the counts (README)
     pos_weight: float = 3.0        # only for kind=bce
     scene_weight: float = 1.0      # weight of the frame-level term (added whenever model.scene_head)
 
