@@ -128,6 +128,14 @@ class AnomalyLoss:
     class_weights: torch.Tensor   # (2,) [normal, anomaly] for the voxel term
     scene_weight: float = 1.0
 
+    def weight_note(self) -> str:
+        """How much an anomaly voxel counts against a normal one in the voxel term, for the log:
+        class-balanced weights depend on the split's counts, not only on β (README)."""
+        if self.supervision == "mil":
+            return ""
+        w = self.class_weights
+        return f"; an anomaly voxel weighs {float(w[1] / w[0]):.1f}x a normal one in the loss"
+
     def __call__(self, output: SpUNetOutput, t: Targets) -> tuple[torch.Tensor, dict[str, float]]:
         if self.class_weights.device != output.voxel_logits.device:  # move once, not every step
             self.class_weights = self.class_weights.to(output.voxel_logits.device)

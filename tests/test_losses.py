@@ -43,13 +43,15 @@ def test_class_balanced_weights_by_hand():
 def test_the_log_says_how_much_an_anomaly_weighs_on_this_split():
     """The same beta weighs anomalies ~33x on the demo's split and ~1x on a split 300x larger:
     the training log says which (a user moving from the demo to real data should see it)."""
-    from sparse_ad.engine.checkpoint import _weight_note
+    def note(counts, **kw):
+        return build_loss(LossConfig(**kw), counts).weight_note()
 
-    assert "33.4x" in _weight_note(LossConfig(beta=0.9999), [671_530, 304])
-    assert "1.0x" in _weight_note(LossConfig(beta=0.9999), [100_000_000, 100_000])
-    assert "10.5x" in _weight_note(LossConfig(beta=0.999999), [100_000_000, 100_000])
-    assert _weight_note(LossConfig(kind="bce"), [671_530, 304]) == ""
-    assert _weight_note(LossConfig(supervision="mil"), [671_530, 304]) == ""
+    assert "weighs 33.4x" in note([671_530, 304], beta=0.9999)
+    assert "weighs 1.0x" in note([100_000_000, 100_000], beta=0.9999)
+    assert "weighs 10.5x" in note([100_000_000, 100_000], beta=0.999999)
+    assert "weighs 3.0x" in note([671_530, 304], kind="bce", pos_weight=3.0)
+    assert note([671_530, 304], supervision="mil") == ""
+
 
 def test_focal_by_hand():
     x, t = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0])

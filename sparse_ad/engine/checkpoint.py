@@ -195,9 +195,11 @@ def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
             print(f"resuming from {last} (epoch {ck['epoch']}, step {ck['step_in_epoch']} of the next epoch)")
     else:
         counts = class_counts(cfg, rt, run_dir)
+    loss_fn = build_loss(cfg.loss, counts)
+    if ck is None:
         if rt.is_main:
             print(f"class counts over the training split: {counts[0]} normal / {counts[1]} anomaly voxels "
-                  f"({counts[1] / max(sum(counts), 1):.4%} anomalous){_weight_note(cfg.loss, counts)}")
+                  f"({counts[1] / max(sum(counts), 1):.4%} anomalous){loss_fn.weight_note()}")
         if counts[1] == 0:
             import warnings
 
@@ -210,7 +212,7 @@ def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     state = TrainState(model=model, optimizer=optimizer, scaler=scaler,
-                       loss_fn=build_loss(cfg.loss, counts), class_counts=counts, ema=ema)
+                       loss_fn=loss_fn, class_counts=counts, ema=ema)
     if ck is not None:
         state.epoch, state.step_in_epoch = int(ck["epoch"]), int(ck["step_in_epoch"])
         state.global_step = int(ck["global_step"])
@@ -218,16 +220,3 @@ def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
         state.threshold, state.history = float(ck["threshold"]), list(ck["history"])
         state.scheduler_state = ck["scheduler"]
     return state
-
-
-def _weight_note(loss_cfg, counts) -> str:
-    """What β means on this split: the class-balanced weights depend on the class counts, so
-    the same β weighs anomalies very differently on a small and a large split (README)."""
-    from sparse_ad.losses import class_balanced_weights
-
-    if loss_cfg.kind != "focal" or loss_cfg.supervision == "mil" or counts[1] == 0:
-        return ""
-    w = class_balanced_weights(counts, loss_cfg.beta)
-    return (f"; class-balanced weights (beta {loss_cfg.beta:g}): an anomaly voxel weighs "
-            f"{float(w[1] / w[0]):.1f}x a normal one")
-
