@@ -39,7 +39,6 @@ def test_class_balanced_weights_by_hand():
         class_balanced_weights([1, 1], 1.0)
 
 
-
 def test_the_log_says_how_much_an_anomaly_weighs_on_this_split():
     """The same beta weighs anomalies ~33x on the demo's split and ~1x on a split 300x larger:
     the training log says which (a user moving from the demo to real data should see it)."""
