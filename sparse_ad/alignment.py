@@ -6,6 +6,12 @@ no location, y not negated, rotation not negated), and each result is compared w
 release's own VOXEL_GRID: the share of LiDAR voxels the ground truth has, and how often the
 labels agree on the shared voxels. The right transform agrees on ~100% of shared voxels;
 a transform off by a sensor height, a sign or an axis agrees far less.
+
+It also checks what `data.sweeps > 1` relies on: an earlier frame's points, brought into the
+current frame by the ACTION poses (`data/sweeps.py`), should land on voxels of the current
+VOXEL_GRID that carry their own label more often than the same points left where they were.
+Only points of upright structure count (not road, sidewalk, terrain or ground, which look
+the same a few metres on), and only frames whose ego moved.
 """
 
 from __future__ import annotations
@@ -16,12 +22,35 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparse_ad.config import TransformConfig
-from sparse_ad.data.anovox import load_frame, open_split
+from sparse_ad.data.anovox import FrameRef, load_frame, open_split
 from sparse_ad.data.labels import GroundTruth, lookup_tags
+from sparse_ad.data.sweeps import earlier_frames, now_from_then, sensor_pose
+from sparse_ad.errors import SparseADError
 from sparse_ad.grid import VoxelGrid
 from sparse_ad.ground_truth import semantic_voxels
 
 MIN_AGREEMENT = 0.99
+FLAT_TAGS = (1, 2, 10, 24, 25)   # road, sidewalk, terrain, road line, ground
+MIN_EGO_MOTION_M = 0.5
+
+
+@dataclass
+class SweepCheck:
+    """Earlier sweep → current VOXEL_GRID: points landing on a voxel with their own label."""
+
+    frames: int = 0
+    points: int = 0
+    registered: int = 0
+    unregistered: int = 0
+
+    def message(self) -> str:
+        if not self.frames:
+            return "earlier sweeps: no sampled frame has an earlier one with ACTION poses and ego motion; not checked"
+        reg, raw = self.registered / max(self.points, 1), self.unregistered / max(self.points, 1)
+        verdict = ("the ACTION poses register them (data.sweeps > 1 is safe)" if reg > raw
+                   else "WARNING: the ACTION poses do not register them; do not use data.sweeps > 1")
+        return (f"earlier sweeps ({self.frames} frames, {self.points} structure points): {reg:.1%} land on a "
+                f"voxel with their label when registered, {raw:.1%} when not; {verdict}")
 
 
 @dataclass
@@ -77,12 +106,14 @@ def sample_frames(frames: list, k: int) -> list:
 
 
 def check_alignment(root, grid: VoxelGrid, configured: TransformConfig, frames: int = 20,
-                    progress: bool = True) -> list[CandidateResult]:
-    """Score every candidate transform on a sample of frames (see module doc)."""
+                    progress: bool = True) -> tuple[list[CandidateResult], SweepCheck]:
+    """Score every candidate transform, and the sweep registration, on a sample of frames
+    (see module doc)."""
     from tqdm import tqdm
 
     split = open_split(root, "SEMANTIC-LIDAR", need_gt=True)
     results = [CandidateResult(n, t) for n, t in candidates(configured)]
+    sweeps = SweepCheck()
     for ref in tqdm(sample_frames(split.frames, frames), desc="check-alignment", unit="frame",
                     disable=not progress):
         frame = load_frame(ref, "SEMANTIC-LIDAR")
@@ -95,7 +126,33 @@ def check_alignment(root, grid: VoxelGrid, configured: TransformConfig, frames: 
             res.lidar_voxels += len(vox)
             res.shared_voxels += int(shared.sum())
             res.agreeing_voxels += int((gt_tags[shared] == vox.labels[shared]).sum())
-    return results
+        _check_earlier_sweep(ref, frame, gt, grid, dataclasses.asdict(configured), sweeps)
+    return results, sweeps
+
+
+def _check_earlier_sweep(ref, frame, gt: GroundTruth, grid: VoxelGrid, variant: dict, out: SweepCheck) -> None:
+    """Add one frame's earlier sweep to `out` (skipped: no earlier frame, no poses, no motion)."""
+    earlier = earlier_frames(ref, 1)
+    if not earlier or len(frame.points) != 1:
+        return
+    try:
+        now, then = sensor_pose(ref.scenario, ref.frame), sensor_pose(ref.scenario, earlier[0])
+        old_sensor, old = load_frame(FrameRef(ref.scenario, earlier[0]), "SEMANTIC-LIDAR", with_gt=False).points[0]
+    except SparseADError:
+        return
+    m = now_from_then(now, then, y_negated=not variant["flip_y"])
+    if np.linalg.norm(m[:3, 3]) < MIN_EGO_MOTION_M:
+        return
+    old = old[~np.isin(np.rint(old[:, 3]), FLAT_TAGS)]
+    tags = np.rint(old[:, 3]).astype(np.int64)
+    to_grid = frame.points[0][0].transform(**variant)
+    for xyz, field in ((old[:, :3].astype(np.float64) @ m[:3, :3].T + m[:3, 3], "registered"),
+                       (old[:, :3], "unregistered")):
+        idx, valid = grid.index(to_grid.apply(xyz))
+        found = lookup_tags(np.where(valid, grid.keys(np.maximum(idx, 0)), -1), gt)
+        setattr(out, field, getattr(out, field) + int(((found == tags) & valid).sum()))
+    out.frames += 1
+    out.points += len(old)
 
 
 def verdict(results: list[CandidateResult]) -> tuple[bool, str]:

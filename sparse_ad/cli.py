@@ -7,6 +7,7 @@ can cause print as one line without a traceback (`--debug` shows it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
@@ -163,15 +164,16 @@ def _cmd_check_alignment(args):
     from sparse_ad.io import atomic_write_text
 
     cfg = load_config(args.config, args.overrides)
-    results = check_alignment(args.root, cfg.grid.build(), cfg.transform, args.frames)
+    results, sweeps = check_alignment(args.root, cfg.grid.build(), cfg.transform, args.frames)
     print(format_table(results))
     ok, message = verdict(results)
     if args.json:
         atomic_write_text(args.json, json.dumps({
-            "ok": ok, "message": message,
+            "ok": ok, "message": message, "sweeps": {**dataclasses.asdict(sweeps), "message": sweeps.message()},
             "candidates": [{"name": r.name, "overrides": r.overrides(), "lidar_voxels": r.lidar_voxels,
                             "found_share": r.found_share, "agreement": r.agreement} for r in results]},
             indent=2))
+    print(sweeps.message())
     print(("OK: " if ok else "MISALIGNED: ") + message)
     return 0 if ok else 1
 

@@ -56,6 +56,8 @@ class DataConfig:
     max_frames: int = 0            # 0 = all frames
     num_workers: int = 2
     max_skip_fraction: float = 0.05  # more skipped (broken) frames than this fails the run
+    sweeps: int = 1                # LiDAR sweeps per input: this one + sweeps-1 earlier ones registered
+    #                                by the ACTION poses (data/sweeps.py); > 1 needs model.in_channels 7
     # synthetic split written when root is empty
     synth_scenarios: int = 8
     synth_frames: int = 10
@@ -78,7 +80,7 @@ TEST_VIEW_COUNTS = (1, 2, 4, 8)
 
 @dataclass
 class ModelConfig:
-    in_channels: int = 6           # intensity, log count, offset xyz, normalized height
+    in_channels: int = 6           # intensity, log count, offset xyz, normalized height (+ sweep lag: 7)
     base_channels: int = 32
     channels: tuple[int, ...] = (32, 64, 128, 256)
     blocks_per_level: int = 2

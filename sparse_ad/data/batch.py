@@ -27,7 +27,7 @@ class Batch:
 
     indices: list[int]
     names: list[str]
-    points: list[np.ndarray]          # per frame (N_i, 4) float64: x, y, z, intensity
+    points: list[np.ndarray]          # per frame (N_i, 4 or 5) float64: x, y, z, intensity[, sweep lag]
     point_targets: list[np.ndarray]   # per frame (N_i,) int8
     gt_has_anomaly: list[bool]
     lidar_sees_anomaly: list[bool]
@@ -66,7 +66,7 @@ class VoxelBatch:
 
 def voxelize_batch(batch: Batch, grid: VoxelGrid, device: torch.device) -> VoxelBatch:
     """Voxelize every frame of `batch` on `device` and build model inputs and targets."""
-    from sparse_ad.models.spunet import voxel_features  # reads intensity from column 0 only
+    from sparse_ad.models.spunet import voxel_features
 
     parts, offsets = [], [0]
     for b, (pts, tgt) in enumerate(zip(batch.points, batch.point_targets, strict=True)):
@@ -74,11 +74,12 @@ def voxelize_batch(batch: Batch, grid: VoxelGrid, device: torch.device) -> Voxel
         if device.type == "cuda":
             labelled = torch.from_numpy(labelled).to(device, non_blocking=True)
         vox = voxelize(labelled, grid)
-        feats = torch.as_tensor(vox.features, device=device)  # intensity, is_anomaly, is_valid
-        parts.append((torch.as_tensor(voxel_features(vox, grid), device=device, dtype=torch.float32),
+        feats = torch.as_tensor(vox.features, device=device)  # intensity[, lag], is_anomaly, is_valid
+        inputs = voxel_features(vox, grid, columns=pts.shape[1] - 3)
+        parts.append((torch.as_tensor(inputs, device=device, dtype=torch.float32),
                       torch.as_tensor(vox.coords, device=device),
                       torch.as_tensor(vox.keys, device=device),
-                      feats[:, 1] > 0, feats[:, 2] > 0,
+                      feats[:, -2] > 0, feats[:, -1] > 0,
                       torch.full((len(vox),), b, dtype=torch.int32, device=device)))
         offsets.append(offsets[-1] + len(vox))
     if not parts:

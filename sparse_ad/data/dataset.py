@@ -20,6 +20,7 @@ import numpy as np
 from sparse_ad.config import AugmentConfig, Config
 from sparse_ad.data.anovox import FrameRef, load_frame
 from sparse_ad.data.labels import ANOMALY, GroundTruth, lookup_tags, target_table, targets_from_tags
+from sparse_ad.data.sweeps import check_sweeps, stacked_grid_points
 from sparse_ad.errors import SparseADError
 from sparse_ad.grid import VoxelGrid
 
@@ -30,7 +31,7 @@ class Sample:
 
     index: int                 # position in the dataset (stable across epochs)
     name: str                  # "<scenario id>/<frame>"
-    points: np.ndarray         # (N, 4) float64: grid-frame x, y, z, intensity
+    points: np.ndarray         # (N, 4) float64: grid-frame x, y, z, intensity (+ sweep lag: (N, 5))
     point_targets: np.ndarray  # (N,) int8: 1 anomaly, 0 normal, -1 ignore / not in GT
     gt_has_anomaly: bool       # the frame's VOXEL_GRID holds anomaly voxels
     lidar_sees_anomaly: bool   # ... and the LiDAR hits at least one of them
@@ -67,6 +68,10 @@ class FrameDataset:
     """
 
     def __init__(self, frames: list[FrameRef], cfg: Config, train: bool):
+        from sparse_ad.models.spunet import check_input_channels
+
+        check_sweeps(cfg.data.sweeps)
+        check_input_channels(cfg.model.in_channels, cfg.data.sweeps)
         self.frames = frames
         self.cfg = cfg
         self.grid = cfg.grid.build()
@@ -99,7 +104,10 @@ class FrameDataset:
         variant = {"location_sign": self.cfg.transform.location_sign,
                    "negate_rotation": self.cfg.transform.negate_rotation,
                    "flip_y": self.cfg.transform.flip_y}
-        points = frame.grid_points(**variant)
+        if self.cfg.data.sweeps > 1:
+            points = stacked_grid_points(ref, self.cfg.data.sensor, self.cfg.data.sweeps, variant, frame)
+        else:
+            points = frame.grid_points(**variant)
         if frame.gt is not None:
             gt = GroundTruth.from_rows(frame.gt, self.grid, str(ref.scenario.voxel_grid_file(ref.frame)))
         else:  # prediction on a split without ground truth: every target is "ignore"

@@ -120,7 +120,8 @@ def class_counts(cfg: Config, rt, cache_dir: Path) -> list[int]:
 
     names = [r.name for r in rt.train_set.frames]
     resolved = config_to_dict(cfg)
-    key = json.dumps([names, resolved["grid"], resolved["labels"], cfg.data.sensor, resolved["transform"]])
+    key = json.dumps([names, resolved["grid"], resolved["labels"], cfg.data.sensor, resolved["transform"],
+                      cfg.data.sweeps])
     path = Path(cache_dir) / f"class_counts_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.exists():
         try:

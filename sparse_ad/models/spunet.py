@@ -34,6 +34,20 @@ if not ALL_WEIGHT_IS_KRSC:  # spconv < 2.2 tied the weight layout to the algorit
     raise ImportError("sparse_ad needs spconv >= 2.2 (one weight layout for every conv algorithm)")
 
 VOXEL_FEATURES = ("intensity", "log1p_count", "offset_x", "offset_y", "offset_z", "height")
+SWEEP_FEATURE = "sweep_lag"   # appended when data.sweeps > 1 (data/sweeps.py)
+
+
+def input_features(sweeps: int) -> tuple[str, ...]:
+    """Names of the model's input channels, in order, for `data.sweeps` = sweeps."""
+    return VOXEL_FEATURES + ((SWEEP_FEATURE,) if sweeps > 1 else ())
+
+
+def check_input_channels(in_channels: int, sweeps: int) -> None:
+    """model.in_channels must match what the data gives; say which value does."""
+    names = input_features(sweeps)
+    if in_channels != len(names):
+        raise ConfigError(f"model.in_channels is {in_channels} but data.sweeps={sweeps} gives {len(names)} input "
+                          f"features ({', '.join(names)}); set model.in_channels={len(names)}")
 
 
 @dataclass
@@ -164,22 +178,26 @@ def build_model(cfg: ModelConfig) -> SpUNet:
                   cfg.scene_head, cfg.head_prior)
 
 
-def voxel_features(vox: Voxels, grid: VoxelGrid):
-    """Model input per voxel, (M, 6) float32 in `VOXEL_FEATURES` order: mean intensity (first
-    extra point column, 0 if none), log1p(points), mean offset from the voxel centre in voxel
-    units (each in [-0.5, 0.5]), and height (iz + 0.5) / nz mapped to [-1, 1].
+def voxel_features(vox: Voxels, grid: VoxelGrid, columns: int = 1):
+    """Model input per voxel, (M, 6 + columns - 1) float32 in `input_features` order: mean
+    intensity (first extra point column, 0 if none), log1p(points), mean offset from the voxel
+    centre in voxel units (each in [-0.5, 0.5]), height (iz + 0.5) / nz mapped to [-1, 1], then
+    the means of the point columns after intensity among the first `columns` (the sweep lag
+    when data.sweeps > 1). Later feature columns (e.g. label columns) are not model input.
 
     Same array type out as in: numpy for CPU voxels, torch (same device) for GPU voxels.
     """
     m, nz = len(vox), grid.shape[2]
-    if isinstance(vox.counts, np.ndarray):
-        f = vox.features
-        intensity = f[:, :1] if f.ndim == 2 and f.shape[1] else np.zeros((m, 1), np.float32)
-        height = (vox.coords[:, 2:3].astype(np.float32) + 0.5) / nz * 2 - 1
-        cols = [intensity, np.log1p(vox.counts.astype(np.float32))[:, None], vox.offsets / grid.resolution, height]
-        return np.concatenate([np.asarray(c, np.float32) for c in cols], axis=1)
     f = vox.features
-    intensity = f[:, :1] if f.ndim == 2 and f.shape[1] else f.new_zeros((m, 1))
+    has_f = f.ndim == 2 and f.shape[1] > 0
+    if isinstance(vox.counts, np.ndarray):
+        intensity = f[:, :1] if has_f else np.zeros((m, 1), np.float32)
+        height = (vox.coords[:, 2:3].astype(np.float32) + 0.5) / nz * 2 - 1
+        cols = [intensity, np.log1p(vox.counts.astype(np.float32))[:, None], vox.offsets / grid.resolution, height,
+                f[:, 1:columns]]
+        return np.concatenate([np.asarray(c, np.float32) for c in cols], axis=1)
+    intensity = f[:, :1] if has_f else f.new_zeros((m, 1))
     height = (vox.coords[:, 2:3].float() + 0.5) / nz * 2 - 1
-    cols = [intensity, torch.log1p(vox.counts.float())[:, None], vox.offsets / grid.resolution, height]
+    cols = [intensity, torch.log1p(vox.counts.float())[:, None], vox.offsets / grid.resolution, height,
+            f[:, 1:columns]]
     return torch.cat([c.float() for c in cols], dim=1)
