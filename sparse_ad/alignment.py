@@ -24,13 +24,13 @@ import numpy as np
 from sparse_ad.config import TransformConfig
 from sparse_ad.data.anovox import FrameRef, load_frame, open_split
 from sparse_ad.data.labels import GroundTruth, lookup_tags
-from sparse_ad.data.sweeps import earlier_frames, now_from_then, sensor_pose
+from sparse_ad.data.sweeps import earlier_frames, moved, now_from_then, sensor_pose
 from sparse_ad.errors import SparseADError
 from sparse_ad.grid import VoxelGrid
 from sparse_ad.ground_truth import semantic_voxels
+from sparse_ad.tags import FLAT_TAGS
 
 MIN_AGREEMENT = 0.99
-FLAT_TAGS = (1, 2, 10, 24, 25)   # road, sidewalk, terrain, road line, ground
 MIN_EGO_MOTION_M = 0.5
 
 
@@ -47,7 +47,7 @@ class SweepCheck:
         if not self.frames:
             return "earlier sweeps: no sampled frame has an earlier one with ACTION poses and ego motion; not checked"
         reg, raw = self.registered / max(self.points, 1), self.unregistered / max(self.points, 1)
-        verdict = ("the ACTION poses register them (data.sweeps > 1 is safe)" if reg > raw
+        verdict = ("the ACTION poses register them, as data.sweeps > 1 needs" if reg > raw
                    else "WARNING: the ACTION poses do not register them; do not use data.sweeps > 1")
         return (f"earlier sweeps ({self.frames} frames, {self.points} structure points): {reg:.1%} land on a "
                 f"voxel with their label when registered, {raw:.1%} when not; {verdict}")
@@ -137,7 +137,7 @@ def _check_earlier_sweep(ref, frame, gt: GroundTruth, grid: VoxelGrid, variant: 
         return
     try:
         now, then = sensor_pose(ref.scenario, ref.frame), sensor_pose(ref.scenario, earlier[0])
-        old_sensor, old = load_frame(FrameRef(ref.scenario, earlier[0]), "SEMANTIC-LIDAR", with_gt=False).points[0]
+        old = load_frame(FrameRef(ref.scenario, earlier[0]), "SEMANTIC-LIDAR", with_gt=False).points[0][1]
     except SparseADError:
         return
     m = now_from_then(now, then, y_negated=not variant["flip_y"])
@@ -146,8 +146,7 @@ def _check_earlier_sweep(ref, frame, gt: GroundTruth, grid: VoxelGrid, variant: 
     old = old[~np.isin(np.rint(old[:, 3]), FLAT_TAGS)]
     tags = np.rint(old[:, 3]).astype(np.int64)
     to_grid = frame.points[0][0].transform(**variant)
-    for xyz, field in ((old[:, :3].astype(np.float64) @ m[:3, :3].T + m[:3, 3], "registered"),
-                       (old[:, :3], "unregistered")):
+    for xyz, field in ((moved(old, m), "registered"), (old[:, :3], "unregistered")):
         idx, valid = grid.index(to_grid.apply(xyz))
         found = lookup_tags(np.where(valid, grid.keys(np.maximum(idx, 0)), -1), gt)
         setattr(out, field, getattr(out, field) + int(((found == tags) & valid).sum()))

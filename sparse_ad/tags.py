@@ -23,6 +23,10 @@ ROAD = 1
 SIDEWALK = 2
 ROAD_LINE = 24
 """A voxel holding any road-line point is labelled road line (AnoVox label rule, step 4)."""
+TERRAIN = 10
+GROUND = 25
+FLAT_TAGS = (ROAD, SIDEWALK, TERRAIN, ROAD_LINE, GROUND)
+"""Surfaces that look alike a few metres on: `check-alignment` leaves them out of the sweep check."""
 
 DEFAULT_ANOMALY_TAGS = (29, 30, 31, 32, 33, 34, 100)
 DEFAULT_IGNORE_TAGS = (112, 113, 114, 115, 116, 118, 119, 214)

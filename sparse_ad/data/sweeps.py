@@ -68,6 +68,11 @@ def now_from_then(pose_now: np.ndarray, pose_then: np.ndarray, y_negated: bool =
     return f @ np.linalg.solve(pose_now, pose_then) @ f
 
 
+def moved(xyz: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """(N, 3) float64 points through the rigid (4, 4) transform m."""
+    return xyz[:, :3].astype(np.float64) @ m[:3, :3].T + m[:3, 3]
+
+
 def stacked_grid_points(ref: FrameRef, sensor_type: str, sweeps: int, variant: dict,
                         current=None) -> np.ndarray:
     """Grid-frame points of the current sweep and up to `sweeps - 1` earlier ones:
@@ -88,8 +93,7 @@ def stacked_grid_points(ref: FrameRef, sensor_type: str, sweeps: int, variant: d
         for k, then in enumerate(earlier, 1):
             old = load_frame(FrameRef(ref.scenario, then), sensor_type, with_gt=False).points[0][1]
             m = now_from_then(pose_now, sensor_pose(ref.scenario, then), y_negated)
-            xyz = old[:, :3].astype(np.float64) @ m[:3, :3].T + m[:3, 3]
-            parts.append(_with_lag(to_grid.apply(xyz), old, k / (sweeps - 1)))
+            parts.append(_with_lag(to_grid.apply(moved(old, m)), old, k / (sweeps - 1)))
     return np.concatenate(parts, axis=0)
 
 
