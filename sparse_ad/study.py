@@ -10,6 +10,10 @@ an interrupted study continues where it stopped ("minutes" is the wall time of t
 training call: a run that was already finished shows ~0).
 
     python tools/quality_study.py --config configs/demo.yaml --seeds 0 1 2 --out runs/study
+
+`--baseline DIR` compares with an earlier study seed by seed: both trained on the same split
+for a seed, so the split's own difficulty (which moves AUPR by more than most recipe changes)
+cancels in the paired difference.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ VOXEL_METRICS = ("auroc", "aupr", "fpr95", "recall")
 METRICS = (*VOXEL_METRICS, "objects_found")
 """Anomalies-only voxel metrics, and the share of objects whose median voxel scores above 99% of
 the normal voxels (`protocol.object_summary`): less noisy than pooled AUPR on few objects."""
+LOWER_IS_BETTER = ("fpr95",)
+SPLIT_KEYS = ("synth_scenarios", "synth_frames", "synth_anomaly_share", "val_fraction", "split_seed")
+"""data.* keys that decide a seed's training split and held-out scenarios: equal for a paired comparison."""
 
 
 def add_study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -36,6 +43,8 @@ def add_study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="data.synth_seed of each training split")
     p.add_argument("--test-seed", type=int, default=100, help="synth seed of the independent test split")
     p.add_argument("--out", type=Path, default=Path("runs/study"))
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="an earlier study's --out directory: print the per-seed differences to it")
     p.add_argument("overrides", nargs="*", help="config key=value pairs applied to every run")
     return p
 
@@ -47,19 +56,85 @@ def run_study(args) -> dict:
                           "(override data.root= to use them)")
     if args.test_seed in args.seeds:
         raise ConfigError(f"--test-seed {args.test_seed} is also a training seed; pick one outside --seeds")
+    baseline = _load_baseline(args.baseline) if args.baseline else None   # before hours of training
     from sparse_ad.engine.runtime import resolve_data_root
 
     test_root = resolve_data_root(_seeded(base, args.test_seed))
+    if baseline is not None:
+        _check_same_splits({"test_split": str(test_root), "resolved_config": config_to_dict(base)}, baseline,
+                           str(args.baseline))
     rows = [_one_seed(base, seed, test_root, args.out / f"seed{seed}") for seed in args.seeds]
     result = {"config": args.config, "overrides": list(args.overrides), "test_seed": args.test_seed,
               "test_split": str(test_root), "runs": rows,
               "summary": {scope: _summary([r[scope] for r in rows]) for scope in ("held_out", "test")},
               "resolved_config": config_to_dict(base)}
+    if baseline is not None:
+        result["versus_baseline"] = compare(result, baseline, str(args.baseline))
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "study.json", json.dumps(result, indent=2))
     print(_table(rows, result["summary"]))
+    if baseline is not None:
+        print(_versus_table(result["versus_baseline"]))
     print(f"wrote {args.out / 'study.json'}")
     return result
+
+
+def _load_baseline(path: Path) -> dict:
+    file = path / "study.json" if path.is_dir() else path
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no study here; point --baseline at an earlier study's --out directory") from None
+    except json.JSONDecodeError:
+        raise ConfigError(f"{file}: not a study.json (invalid JSON); rerun that study to rewrite it") from None
+
+
+def compare(result: dict, baseline: dict, name: str = "baseline") -> dict:
+    """Per-seed differences (this − baseline) on the seeds both studies ran, per scope and metric:
+    the mean and standard deviation of the differences and on how many seeds this one is better."""
+    _check_same_splits(result, baseline, name)
+    base_rows = {r["seed"]: r for r in baseline["runs"]}
+    pairs = [(r, base_rows[r["seed"]]) for r in result["runs"] if r["seed"] in base_rows]
+    if not pairs:
+        raise ConfigError(f"{name} ran none of these seeds; run both studies with the same --seeds")
+    out = {"baseline": name, "seeds": [r["seed"] for r, _ in pairs]}
+    for scope in ("held_out", "test"):
+        out[scope] = {}
+        for k in METRICS:
+            diffs = [a[scope][k] - b[scope][k] for a, b in pairs
+                     if a[scope].get(k) is not None and b[scope].get(k) is not None]
+            if diffs:
+                sign = -1 if k in LOWER_IS_BETTER else 1
+                out[scope][k] = {"mean": statistics.fmean(diffs),
+                                 "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                                 "better": sum(sign * d > 0 for d in diffs), "seeds": len(diffs)}
+    return out
+
+
+def _check_same_splits(result: dict, baseline: dict, name: str) -> None:
+    """Paired differences mean something only on the same training and test splits."""
+    if result["test_split"] != baseline.get("test_split"):
+        raise ConfigError(f"{name} scored another test split ({baseline.get('test_split')} vs "
+                          f"{result['test_split']}); compare studies with the same test seed and split size")
+    ours, theirs = ({k: (d.get("resolved_config") or {}).get("data", {}).get(k) for k in SPLIT_KEYS}
+                    for d in (result, baseline))
+    if ours != theirs:
+        raise ConfigError(f"{name} trained on other splits ({theirs} vs {ours}); a paired comparison needs the same "
+                          "data.synth_* / val_fraction / split_seed")
+
+
+def _versus_table(v: dict) -> str:
+    seeds = " ".join(str(s) for s in v["seeds"])
+    lines = [f"versus {v['baseline']} (this − baseline, paired over seeds {seeds}; fpr95: lower is better)",
+             "| metric | held-out mean Δ ± std | seeds better | test mean Δ ± std | seeds better |",
+             "| --- | --- | --- | --- | --- |"]
+    for k in METRICS:
+        cells = [k]
+        for scope in ("held_out", "test"):
+            d = v[scope].get(k)
+            cells += [f"{d['mean']:+.3f} ± {d['std']:.3f}", f"{d['better']}/{d['seeds']}"] if d else ["–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _seeded(base, seed: int):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from sparse_ad.errors import ConfigError
-from sparse_ad.study import add_study_args, run_study
+from sparse_ad.study import add_study_args, compare, run_study
 
 SMALL = ["data.synth_scenarios=4", "data.synth_frames=1", "data.synth_anomaly_share=1.0", "data.val_fraction=0.5",
          "data.num_workers=0", "train.epochs=1", "train.batch_size=2", "model.channels=[8,16]",
@@ -39,7 +39,10 @@ def test_study_trains_each_seed_scores_both_splits_and_reuses_finished_seeds(tmp
         raise AssertionError("a finished seed was trained again")
 
     monkeypatch.setattr("sparse_ad.engine.train.train", no_training)
-    assert run_study(_args(tmp_path))["runs"] == result["runs"]
+    again = run_study(_args(tmp_path, "--baseline", str(tmp_path / "study")))   # compared with itself
+    assert again["runs"] == result["runs"]
+    assert again["versus_baseline"]["held_out"]["aupr"] == {"mean": 0.0, "std": 0.0, "better": 0, "seeds": 2}
+    assert "paired over seeds 0 1" in capsys.readouterr().out
 
 
 def test_study_refuses_a_test_seed_it_trains_on_and_real_data(tmp_path):
@@ -55,3 +58,30 @@ def test_study_cli_errors_are_one_line_with_exit_code_2(capsys):
     assert main(["study", "--seeds", "0", "1", "--test-seed", "0"]) == 2
     err = capsys.readouterr().err
     assert "also a training seed" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _study(test_split="t", seeds=(0, 1, 2), aupr=(0.5, 0.6, 0.7), fpr95=(0.1, 0.1, 0.1), frames=2):
+    rows = [{"seed": sd, "held_out": {"aupr": a, "fpr95": f}, "test": {"aupr": a, "fpr95": f}}
+            for sd, a, f in zip(seeds, aupr, fpr95, strict=True)]
+    return {"test_split": test_split, "runs": rows, "resolved_config": {"data": {"synth_frames": frames}}}
+
+
+def test_compare_pairs_runs_by_seed_and_knows_which_way_is_better():
+    ours = _study(seeds=(0, 1, 2), aupr=(0.5, 0.9, 0.7), fpr95=(0.05, 0.2, 0.1))
+    base = _study(seeds=(1, 2, 3), aupr=(0.6, 0.8, 0.1), fpr95=(0.1, 0.1, 0.1))
+    v = compare(ours, base)
+    assert v["seeds"] == [1, 2]                                   # seed 0 and 3 have no partner
+    assert v["test"]["aupr"]["mean"] == pytest.approx((0.3 - 0.1) / 2) and v["test"]["aupr"]["better"] == 1
+    assert v["held_out"]["fpr95"]["mean"] == pytest.approx(0.05) and v["held_out"]["fpr95"]["better"] == 0
+    assert "auroc" not in v["test"]
+    with pytest.raises(ConfigError, match="another test split"):
+        compare(ours, _study(test_split="other"))
+    with pytest.raises(ConfigError, match="trained on other splits"):
+        compare(ours, _study(frames=4))
+    with pytest.raises(ConfigError, match="ran none of these seeds"):
+        compare(ours, _study(seeds=(7, 8, 9)))
+
+
+def test_a_missing_baseline_names_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="point --baseline at an earlier study's --out directory"):
+        run_study(_args(tmp_path, "--baseline", str(tmp_path / "nothing")))
