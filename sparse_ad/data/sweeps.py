@@ -19,7 +19,7 @@ usable frame (0 for the current one), and the voxel feature is its mean.
 
 One LiDAR per scenario (mono splits): the pose in ACTION is that of one sensor set, so a
 split with several sets is refused rather than registered approximately.
-`earlier_sweep_alignment` measures on a release's own files whether the poses register.
+`sparse-ad check-alignment` measures on a release's own files whether the poses register.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ MAX_SWEEPS = 10
 
 
 def check_sweeps(sweeps: int) -> None:
+    """A sweep count the loader can use (more than 10 is seconds of history and 10x the reading)."""
     if not 1 <= sweeps <= MAX_SWEEPS:
         raise ConfigError(f"data.sweeps: expected 1..{MAX_SWEEPS} (1 = the current sweep only), found {sweeps}")
 
