@@ -147,9 +147,8 @@ def _check_earlier_sweep(ref, frame, gt: GroundTruth, grid: VoxelGrid, variant: 
     tags = np.rint(old[:, 3]).astype(np.int64)
     to_grid = frame.points[0][0].transform(**variant)
     for xyz, field in ((moved(old, m), "registered"), (old[:, :3], "unregistered")):
-        idx, valid = grid.index(to_grid.apply(xyz))
-        found = lookup_tags(np.where(valid, grid.keys(np.maximum(idx, 0)), -1), gt)
-        setattr(out, field, getattr(out, field) + int(((found == tags) & valid).sum()))
+        found = lookup_tags(grid.point_keys(to_grid.apply(xyz)), gt)   # -1 outside the grid or GT
+        setattr(out, field, getattr(out, field) + int((found == tags).sum()))
     out.frames += 1
     out.points += len(old)
 

@@ -106,6 +106,11 @@ class VoxelGrid:
         idx = np.where(valid[:, None], idx, -1).astype(np.int64)
         return idx, valid
 
+    def point_keys(self, points_grid_frame: np.ndarray) -> np.ndarray:
+        """Linear key (N,) int64 of the voxel each grid-frame point falls in; -1 outside the grid."""
+        idx, valid = self.index(points_grid_frame)
+        return np.where(valid, self.keys(np.maximum(idx, 0)), -1)
+
     def remainder(self, points_grid_frame: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """`q - resolution * idx`: where a point sits inside its voxel, from the minimum corner."""
         q = np.asarray(points_grid_frame)[:, :3].astype(np.float64) + np.asarray(self.offset)

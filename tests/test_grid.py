@@ -30,6 +30,7 @@ def test_index_bounds_are_half_open():
     assert valid.tolist() == [True, True, False, False, False]
     assert idx[0].tolist() == [0, 0, 0] and idx[1].tolist() == [999, 999, 63]
     assert (idx[2:] == -1).all()
+    assert g.point_keys(pts).tolist() == [0, 999 + 999 * 1000 + 63 * 1000 * 1000, -1, -1, -1]
 
 
 def test_mono_transform_is_exact_subtraction():

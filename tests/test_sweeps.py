@@ -61,9 +61,7 @@ def moving(tmp_path_factory):
 
 
 def _gt_share(points_grid: np.ndarray, gt: GroundTruth) -> float:
-    idx, valid = GRID.index(points_grid)
-    keys = np.where(valid, GRID.keys(np.maximum(idx, 0)), -1)
-    return float(((lookup_tags(keys, gt) >= 0) & valid).mean())
+    return float((lookup_tags(GRID.point_keys(points_grid), gt) >= 0).mean())
 
 
 def test_earlier_sweeps_land_on_the_current_ground_truth(moving):

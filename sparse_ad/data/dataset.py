@@ -39,10 +39,7 @@ class Sample:
 
 def point_targets(points_grid: np.ndarray, gt: GroundTruth, grid: VoxelGrid, lut: np.ndarray) -> np.ndarray:
     """Target of the GT voxel each grid-frame point falls in (-1 outside / not in GT)."""
-    idx, valid = grid.index(points_grid)
-    keys = np.where(valid, grid.keys(np.maximum(idx, 0)), -1)
-    tags = np.where(valid, lookup_tags(keys, gt), -1)
-    return targets_from_tags(tags, lut)
+    return targets_from_tags(lookup_tags(grid.point_keys(points_grid), gt), lut)
 
 
 def augment(points: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
