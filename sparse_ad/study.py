@@ -60,14 +60,14 @@ def run_study(args) -> dict:
     from sparse_ad.engine.runtime import resolve_data_root
 
     test_root = resolve_data_root(_seeded(base, args.test_seed))
+    resolved = config_to_dict(base)
     if baseline is not None:
-        _check_same_splits({"test_split": str(test_root), "resolved_config": config_to_dict(base)}, baseline,
-                           str(args.baseline))
+        _check_same_splits({"test_split": str(test_root), "resolved_config": resolved}, baseline, str(args.baseline))
     rows = [_one_seed(base, seed, test_root, args.out / f"seed{seed}") for seed in args.seeds]
     result = {"config": args.config, "overrides": list(args.overrides), "test_seed": args.test_seed,
               "test_split": str(test_root), "runs": rows,
               "summary": {scope: _summary([r[scope] for r in rows]) for scope in ("held_out", "test")},
-              "resolved_config": config_to_dict(base)}
+              "resolved_config": resolved}
     if baseline is not None:
         result["versus_baseline"] = compare(result, baseline, str(args.baseline))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -105,9 +105,7 @@ def compare(result: dict, baseline: dict, name: str = "baseline") -> dict:
                      if a[scope].get(k) is not None and b[scope].get(k) is not None]
             if diffs:
                 sign = -1 if k in LOWER_IS_BETTER else 1
-                out[scope][k] = {"mean": statistics.fmean(diffs),
-                                 "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-                                 "better": sum(sign * d > 0 for d in diffs), "seeds": len(diffs)}
+                out[scope][k] = {**_mean_std(diffs), "better": sum(sign * d > 0 for d in diffs), "seeds": len(diffs)}
     return out
 
 
@@ -179,9 +177,12 @@ def _summary(scopes: list[dict]) -> dict:
     for k in METRICS:
         vals = [s[k] for s in scopes if s.get(k) is not None]
         if vals:
-            out[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                      "min": min(vals), "max": max(vals)}
+            out[k] = {**_mean_std(vals), "min": min(vals), "max": max(vals)}
     return out
+
+
+def _mean_std(vals: list[float]) -> dict:
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
 
 
 def _table(rows: list[dict], summary: dict) -> str:
