@@ -63,6 +63,7 @@ class DataConfig:
     synth_frames: int = 10
     synth_seed: int = 0
     synth_anomaly_share: float = 0.6
+    synth_braking_share: float = 0.0  # of the anomaly scenarios: the lead vehicle brakes (temporal, tag 100)
 
 
 @dataclass

@@ -34,7 +34,10 @@ METRICS = (*VOXEL_METRICS, "objects_found")
 """Anomalies-only voxel metrics, and the share of objects whose median voxel scores above 99% of
 the normal voxels (`protocol.object_summary`): less noisy than pooled AUPR on few objects."""
 LOWER_IS_BETTER = ("fpr95",)
-SPLIT_KEYS = ("synth_scenarios", "synth_frames", "synth_anomaly_share", "val_fraction", "split_seed")
+SPLIT_KEYS = ("synth_scenarios", "synth_frames", "synth_anomaly_share", "synth_braking_share", "val_fraction",
+              "split_seed")
+SPLIT_DEFAULTS = {"synth_braking_share": 0.0}
+"""What a study written before a key existed trained with."""
 """data.* keys that decide a seed's training split and held-out scenarios: equal for a paired comparison."""
 
 
@@ -114,7 +117,8 @@ def _check_same_splits(result: dict, baseline: dict, name: str) -> None:
     if result["test_split"] != baseline.get("test_split"):
         raise ConfigError(f"{name} scored another test split ({baseline.get('test_split')} vs "
                           f"{result['test_split']}); compare studies with the same test seed and split size")
-    ours, theirs = ({k: (d.get("resolved_config") or {}).get("data", {}).get(k) for k in SPLIT_KEYS}
+    ours, theirs = ({k: (d.get("resolved_config") or {}).get("data", {}).get(k, SPLIT_DEFAULTS.get(k))
+                     for k in SPLIT_KEYS}
                     for d in (result, baseline))
     if ours != theirs:
         raise ConfigError(f"{name} trained on other splits ({theirs} vs {ours}); a paired comparison needs the same "

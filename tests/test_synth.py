@@ -231,6 +231,74 @@ def test_anomaly_visible_in_most_frames_but_not_all(tmp_path):
         assert 4 <= summary.anomaly_frames[sid] < 8
 
 
+@pytest.fixture(scope="module")
+def braking(tmp_path_factory):
+    root = tmp_path_factory.mktemp("braking")
+    return root, _write(root, scenarios=3, frames=6, seed=8, anomaly_share=1.0, braking_share=0.67,
+                        points_per_sweep=8000)
+
+
+def _lead_van_voxels(sc: Path, frame: int, tags) -> int:
+    """Voxels with one of `tags` in the ego lane ahead (grid frame: y near 0, x 3-40 m ahead)."""
+    gt = _gt(sc, frame)
+    centre = (gt[:, :3].astype(np.float64) + 0.5) * GRID.resolution - np.asarray(GRID.offset)
+    ahead = (centre[:, 0] > 3.0) & (centre[:, 0] < 40.0) & (np.abs(centre[:, 1]) < 2.5)
+    return int((ahead & np.isin(gt[:, 3], tags)).sum())
+
+
+def test_sudden_braking_scenarios(braking):
+    """The lead van carries tag 100 exactly in its braking frames (from the third frame on),
+    its vehicle tag before; ANOMALY records a vehicle slowing down; the static anomaly
+    scenario of the split is as before."""
+    root, summary = braking
+    assert len(summary.braking_scenarios) == 2 and len(summary.anomaly_scenarios) == 3
+    for i, sid in enumerate(summary.scenario_ids):
+        sc = root / f"Scenario_{sid}"
+        frames = summary.frame_ids[sid]
+        plan = plan_scenario(np.random.SeedSequence(8, spawn_key=(i,)), i, 6, True,
+                             "braking" if sid in summary.braking_scenarios else "static")
+        assert plan.scenario_id == sid
+        tagged = [_lead_van_voxels(sc, f, [100]) for f in frames]
+        anomalies = [int(np.isin(_gt(sc, f)[:, 3], DEFAULT_ANOMALY_TAGS).sum()) for f in frames]
+        if sid not in summary.braking_scenarios:
+            assert plan.kind == "static" and sum(anomalies) > 0
+            continue
+        assert plan.kind == "braking" and plan.anomaly_frames.tolist()[:2] == [False, False]
+        for k, f in enumerate(frames):
+            if plan.anomaly_frames[k]:
+                assert tagged[k] > 10 and anomalies[k] == tagged[k]     # the van, and only it
+            else:
+                assert anomalies[k] == 0 and _lead_van_voxels(sc, f, [14, 15]) > 10
+        assert plan.anomaly_frames.sum() >= 2
+        recs = [_kv(sc / "ANOMALY" / f"ANOMALY_{f}.csv") for f in frames]
+        assert all(r["anomaly_is_alive"] is True and r["semantic_tags"] == [100] for r in recs)
+        assert recs[0]["anomaly_type_id"].startswith("vehicle.") and max(recs[0]["size"]) > 4.0
+        speed = [math.hypot(*r["velocity"][:2]) for r in recs]
+        assert speed[0] > 5.0 and all(b <= a + 1e-4 for a, b in zip(speed, speed[1:], strict=False))
+        assert speed[-1] < speed[0] - 1.0
+        braking_accel = [math.hypot(*r["acceleration"][:2]) for r in recs]
+        assert all((a > 3.0) == bool(b) for a, b in zip(braking_accel, plan.anomaly_frames, strict=True))
+        # the ego brakes too, and stops short of the van
+        gap = plan.anomaly_pos[:, 0] - plan.anomaly.size[0] / 2 - plan.ego_x
+        assert gap.min() > 2.4 + 1.0 and plan.braking.any()
+    config = json.loads((root / "Scenario_Configuration_Files" / "scenario_config_map_SynthTown.json").read_text())
+    kinds = [s["anomaly_config"]["anomalytype"] for s in config["scenario_definition"]["scenarios"]]
+    assert sorted(kinds) == ["STATIC", "SUDDEN_BRAKING", "SUDDEN_BRAKING"]
+    assert config["synth"]["braking_share"] == 0.67
+
+
+def test_braking_leaves_the_other_scenarios_alone(tmp_path, mono):
+    """Which scenarios brake is drawn from a stream of its own: turning every anomaly
+    scenario into a braking one leaves the normal scenarios byte for byte as they were."""
+    root, summary = mono
+    some = _write(tmp_path / "all", braking_share=1.0)
+    assert some.anomaly_scenarios and some.braking_scenarios == some.anomaly_scenarios
+    normal = [s for s in summary.scenario_ids if s not in summary.anomaly_scenarios]
+    assert normal and [s for s in some.scenario_ids if s not in some.anomaly_scenarios] == normal
+    for sid in normal:
+        assert _tree(root / f"Scenario_{sid}") == _tree(tmp_path / "all" / f"Scenario_{sid}")
+
+
 # --- determinism ----------------------------------------------------------------------------
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -427,6 +495,7 @@ def test_cli_writes_a_split(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kw", [dict(sensor_sets="surround"), dict(points_per_sweep=10), dict(anomaly_share=1.5),
+                                dict(braking_share=-0.1), dict(braking_share=0.5, frames=1),
                                 dict(frames=0), dict(seed=-1)])
 def test_bad_arguments_raise_config_error(tmp_path, kw):
     with pytest.raises(ConfigError):

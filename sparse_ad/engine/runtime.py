@@ -125,12 +125,14 @@ def resolve_data_root(cfg: Config) -> Path:
 
     cache = Path(os.environ.get("SPARSE_AD_CACHE", Path.home() / ".cache" / "sparse_ad"))
     d = cfg.data
-    root = cache / f"synth_s{d.synth_scenarios}_f{d.synth_frames}_a{d.synth_anomaly_share:g}_seed{d.synth_seed}"
+    shares = f"a{d.synth_anomaly_share:g}" + (f"_b{d.synth_braking_share:g}" if d.synth_braking_share else "")
+    root = cache / f"synth_s{d.synth_scenarios}_f{d.synth_frames}_{shares}_seed{d.synth_seed}"
     done = root / ".complete"
     if not done.exists():
         print(f"no data.root configured: writing a synthetic AnoVox-layout split to {root}")
         write_split(root, scenarios=d.synth_scenarios, frames=d.synth_frames, seed=d.synth_seed,
-                    anomaly_share=d.synth_anomaly_share, progress=os.environ.get("SPARSE_AD_NO_PROGRESS", "") == "")
+                    anomaly_share=d.synth_anomaly_share, braking_share=d.synth_braking_share,
+                    progress=os.environ.get("SPARSE_AD_NO_PROGRESS", "") == "")
         done.write_text("ok\n")
     return root
 

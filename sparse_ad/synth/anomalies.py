@@ -28,10 +28,11 @@ class Anomaly:
     parts: list[Part]         # object frame: resting on z = 0, centred in x and y
     size: tuple               # (dx, dy, dz) metres, axis-aligned in the object frame
     refl: float
+    blueprint: str = ""       # an actor's own blueprint (the braking vehicle's); "" = a static prop
 
     @property
     def type_id(self) -> str:
-        return f"static.prop.o_{self.name}_{self.category}"
+        return self.blueprint or f"static.prop.o_{self.name}_{self.category}"
 
 
 def _legs(xs, ys, top, r):

@@ -82,11 +82,14 @@ def action_record(plan: Plan, k: int, sets: tuple[SensorSet, ...]) -> dict:
 
 
 def anomaly_record(plan: Plan, k: int) -> dict:
-    """The anomaly actor's state. `anomaly_is_alive` is True in every frame: the actor
-    exists whether or not any sensor sees it."""
+    """The anomaly actor's state in world coordinates (CARLA's frame). `anomaly_is_alive` is
+    True in every frame: the actor exists whether or not any sensor sees it (and the braking
+    vehicle exists before and after it brakes)."""
     a = plan.anomaly
     r_w, t_w = world_from_scene(plan)
-    loc = FLIP_Y @ (r_w @ plan.anomaly_pos + t_w)
+    loc = FLIP_Y @ (r_w @ plan.anomaly_pos[k] + t_w)
+    speed, accel = plan.anomaly_motion[k]
+    forward = FLIP_Y @ r_w @ np.array([1.0, 0.0, 0.0])
     return {
         "frame_id": plan.frame_ids[k],
         "scenario_id": plan.scenario_id,
@@ -95,8 +98,8 @@ def anomaly_record(plan: Plan, k: int) -> dict:
         "anomaly_is_alive": True,
         "semantic_tags": [a.tag],
         "location": tuple(_f(v) for v in loc),
-        "velocity": (0.0, 0.0, 0.0),
-        "acceleration": (0.0, 0.0, 0.0),
+        "velocity": tuple(_f(v) + 0.0 for v in speed * forward),
+        "acceleration": tuple(_f(v) + 0.0 for v in accel * forward),
         "role_name": "anomaly",
         "size": tuple(round(v, 3) for v in a.size),
         "shape": a.name,

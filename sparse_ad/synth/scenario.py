@@ -8,10 +8,18 @@ taller than the anomaly and wide enough to cover it for every sensor set) until 
 100 m range early on in long scenarios. So an anomaly scenario has anomaly voxels in
 most of its frames but not in the first, while `anomaly_is_alive` stays True throughout.
 Normal scenarios get the same traffic (a lead van half of the time) and no anomaly.
+
+Sudden braking (AnoVox's temporal anomaly): the lead van stays in the ego lane at the same
+gap as in normal traffic and, from a frame `onset` on, brakes hard to a stop; during the
+braking interval its primitives carry tag 100 (the generator's `anomaly` tag), before and
+after it its own vehicle tag. The ego keeps cruising for a short reaction time, then brakes
+to stop a few metres behind it. One sweep shows a van ahead as in any normal scenario;
+only the motion over several sweeps tells the braking one apart.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import uuid
 from dataclasses import dataclass
@@ -38,6 +46,12 @@ MARGIN = 110.0
 """Scene built this far (m) behind the first and beyond the last ego position."""
 ANOMALY_HALF_WIDTH = 0.9
 """Anomalies stay within +-0.9 m of the ego lane's centre (inside the lead van's shadow)."""
+KINDS = ("static", "braking")
+"""Anomaly scenario kinds: an object on the road, or the lead vehicle braking suddenly."""
+BRAKING_TAG = 100
+EGO_FRONT = 2.4
+"""Ego centre to front bumper (m)."""
+VAN_BLUEPRINT = "vehicle.carlamotors.carlacola"
 
 
 @dataclass
@@ -71,13 +85,17 @@ class Plan:
     prims: sc.Prims
     offsets: np.ndarray          # (F, G, 3) per-frame group offsets
     anomaly: Anomaly | None
-    anomaly_pos: np.ndarray | None  # (3,) base centre, scene frame
+    anomaly_pos: np.ndarray | None  # (F, 3) base centre per frame, scene frame
+    anomaly_motion: np.ndarray | None  # (F, 2) speed (m/s) and acceleration (m/s^2) along +x
     first_visible: int
     heading: float               # scene → world rotation about z (rad)
     world_shift: np.ndarray      # (3,) scene → world translation
     vehicle_id: int
     anomaly_id: int
     frame_seed: np.random.SeedSequence
+    kind: str = "normal"         # "normal" or one of KINDS
+    anomaly_group: int = -1      # braking: the van's motion group, tagged BRAKING_TAG ...
+    anomaly_frames: np.ndarray | None = None   # ... in these frames (F,) bool
 
     @property
     def num_frames(self) -> int:
@@ -87,8 +105,13 @@ class Plan:
         return np.array([self.ego_x[k], self.street.ego_lane_y, 0.0])
 
 
-def plan_scenario(seq: np.random.SeedSequence, index: int, frames: int, anomalous: bool) -> Plan:
-    """Everything about one scenario except the rendering, drawn from `seq` alone."""
+def plan_scenario(seq: np.random.SeedSequence, index: int, frames: int, anomalous: bool,
+                  kind: str = "static") -> Plan:
+    """Everything about one scenario except the rendering, drawn from `seq` alone. `kind`
+    (one of KINDS) says which anomaly an anomalous scenario gets."""
+    if anomalous and kind not in KINDS:
+        raise ValueError(f"anomaly kind must be one of {KINDS}, got {kind!r}")
+    braking = anomalous and kind == "braking"
     rng = np.random.default_rng(seq)
     scenario_id = str(uuid.UUID(bytes=rng.bytes(16), version=4))
     start = int(rng.integers(1000, 60000))
@@ -102,7 +125,11 @@ def plan_scenario(seq: np.random.SeedSequence, index: int, frames: int, anomalou
     lane_change = first_visible if (anomalous or rng.random() < 0.6) else frames
 
     motion, anomaly, anomaly_x, lateral = Motion(v0), None, None, 0.0
-    if anomalous:
+    if braking:
+        lane_change = frames
+        onset, van, motion = _plan_braking(rng, v0, times, lead)
+        first_visible = onset
+    elif anomalous:
         anomaly, anomaly_x, lateral, motion = _place_anomaly(rng, v0, v0 * times, first_visible, lead)
     state = [motion.at(t) for t in times]
     ego_x, speed = np.array([x for x, _ in state]), np.array([v for _, v in state])
@@ -114,17 +141,30 @@ def plan_scenario(seq: np.random.SeedSequence, index: int, frames: int, anomalou
     g = b.new_group()
     b.add_parts(sc.ego_parts(), (0.0, 0.0, 0.0), 0.0, sc.EGO, 0.6, g)
     paths[g] = np.stack([ego_x, np.full(frames, street.ego_lane_y), np.zeros(frames)], axis=1)
-    lead_path = None
+    lead_path, lead_group, lead_refl = None, -1, 0.0
     if has_lead:
         lead_path = _lead_path(ego_x, times, v0, lead, street, lane_change)
-        g = b.new_group()
+        if braking:   # the van's own motion, not a fixed gap to the ego
+            lead_path[:, 0] = lead["gap"] + lead["length"] / 2 + np.array([van.at(t)[0] for t in times])
+        lead_group = g = b.new_group()
+        lead_tag = sc.TRUCK if rng.random() < 0.5 else sc.CAR
+        lead_refl = rng.uniform(0.4, 0.8)
         b.add_parts(sc.van_parts(lead["length"], lead["width"], lead["height"]), (0.0, 0.0, 0.0), 0.0,
-                    sc.TRUCK if rng.random() < 0.5 else sc.CAR, rng.uniform(0.4, 0.8), g)
+                    lead_tag, lead_refl, g)
         paths[g] = lead_path
-    anomaly_pos = None
-    if anomalous:
-        anomaly_pos = np.array([anomaly_x, street.ego_lane_y + lateral, 0.0])
-        b.add_parts(anomaly.parts, anomaly_pos, 0.0, anomaly.tag, anomaly.refl)
+    anomaly_pos = anomaly_motion = anomaly_frames = None
+    if braking:
+        speed_van = np.array([van.at(t)[1] for t in times])
+        anomaly_frames = (speed_van > 1e-6) & (times >= van.x_brake / v0)
+        anomaly_pos = lead_path.copy()
+        anomaly_motion = np.stack([speed_van, np.where(anomaly_frames, -van.decel, 0.0)], axis=1)
+        anomaly = Anomaly("braking_vehicle", "anomaly", BRAKING_TAG,
+                          sc.van_parts(lead["length"], lead["width"], lead["height"]),
+                          (lead["length"], lead["width"], lead["height"]), lead_refl, VAN_BLUEPRINT)
+    elif anomalous:
+        anomaly_pos = np.tile([anomaly_x, street.ego_lane_y + lateral, 0.0], (frames, 1))
+        anomaly_motion = np.zeros((frames, 2))
+        b.add_parts(anomaly.parts, anomaly_pos[0], 0.0, anomaly.tag, anomaly.refl)
     for g, vel in sc.add_pedestrians(rng, b, street, x_lo, x_hi):
         paths[g] = times[:, None] * vel[None, :]
     paths.update(_add_oncoming(rng, b, street, times, x_lo, x_hi, lead_path, lead["length"]))
@@ -141,7 +181,31 @@ def plan_scenario(seq: np.random.SeedSequence, index: int, frames: int, anomalou
         heading=float(rng.uniform(0, 2 * math.pi)),
         world_shift=np.array([rng.uniform(-200, 200), rng.uniform(-200, 200), rng.uniform(0.0, 0.3)]),
         vehicle_id=vehicle_id, anomaly_id=vehicle_id + int(rng.integers(1, 300)),
-        frame_seed=np.random.SeedSequence(seq.entropy, spawn_key=seq.spawn_key + (1,)))
+        frame_seed=np.random.SeedSequence(seq.entropy, spawn_key=seq.spawn_key + (1,)),
+        anomaly_motion=anomaly_motion, kind=kind if anomalous else "normal",
+        anomaly_group=lead_group if braking else -1, anomaly_frames=anomaly_frames)
+
+
+def _plan_braking(rng, v0: float, times: np.ndarray, lead: dict) -> tuple[int, Motion, Motion]:
+    """The braking frame `onset`, the van's motion (from its start, cruising at v0, braking at
+    4-7 m/s^2 from just before frame `onset`) and the ego's (cruising, reacting 0.1-0.4 s
+    later, braking to stop 2-4 m behind the van; never closer than 1 m on the way).
+
+    The onset is at least two frames in (when the scenario has them), so that earlier sweeps
+    of the cruising van exist for every braking frame."""
+    frames = len(times)
+    onset = min(max(2, int(round(frames * rng.uniform(0.2, 0.45)))), frames - 1)
+    t_brake = max(times[onset] - rng.uniform(0.0, 0.95) * FRAME_STRIDE * TICK_S, 0.0)
+    decel = rng.uniform(4.0, 7.0)
+    van = Motion(v0, v0 * t_brake, decel)
+    reaction, stop_gap = rng.uniform(0.1, 0.4), rng.uniform(2.0, 4.0)
+    van_stop_rear = lead["gap"] + van.x_brake + v0 * v0 / (2 * decel)
+    x_brake = v0 * (t_brake + reaction)
+    ego = Motion(v0, x_brake, v0 * v0 / (2 * max(van_stop_rear - stop_gap - EGO_FRONT - x_brake, 1.0)))
+    fine = np.linspace(0.0, t_brake + reaction + v0 / min(decel, ego.decel) + 1.0, 400)
+    while ego.decel < 12.0 and min(lead["gap"] + van.at(t)[0] - ego.at(t)[0] - EGO_FRONT for t in fine) < 1.0:
+        ego = dataclasses.replace(ego, decel=ego.decel * 1.1)   # harder braking until it never gets too close
+    return onset, van, ego
 
 
 def _place_anomaly(rng, v0: float, cruise_x: np.ndarray, first_visible: int, lead: dict):
@@ -154,7 +218,7 @@ def _place_anomaly(rng, v0: float, cruise_x: np.ndarray, first_visible: int, lea
     near = min(cruise_x[-1] + rng.uniform(8.0, 25.0), rng.uniform(60.0, 95.0))   # long runs: stop and wait
     if first_visible > 0:
         near = max(near, cruise_x[first_visible - 1] + lead["gap"] + lead["length"] + 3.0)
-    x_stop = near - rng.uniform(6.0, 10.0) - 2.4          # 2.4 m: ego centre to front bumper
+    x_stop = near - rng.uniform(6.0, 10.0) - EGO_FRONT
     decel = rng.uniform(2.5, 4.0)
     x_brake = x_stop - v0 * v0 / (2 * decel)
     if x_brake < 0:
@@ -215,6 +279,9 @@ def render_frame(plan: Plan, k: int, sets: tuple[SensorSet, ...], points_per_swe
     rng = np.random.default_rng(np.random.SeedSequence(plan.frame_seed.entropy,
                                                        spawn_key=plan.frame_seed.spawn_key + (k,)))
     prims = plan.prims
+    if plan.anomaly_frames is not None and plan.anomaly_frames[k]:   # the braking van: tag 100 now
+        tag = np.where(prims.group == plan.anomaly_group, np.int32(plan.anomaly.tag), prims.tag).astype(np.int32)
+        prims = dataclasses.replace(prims, tag=tag)
     centers = prims.center + plan.offsets[k][prims.group]
     ego = plan.ego_position(k)
     cam_dirs = camera_directions()
