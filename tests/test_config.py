@@ -68,3 +68,21 @@ def test_a_checkpoint_config_with_removed_settings_still_loads_and_says_so():
     saved["train"]["epochs"] = "many"
     with pytest.raises(ConfigError, match="epochs"):
         config_from_saved(saved, "run/best.pt")
+
+
+def test_synthetic_splits_with_braking_get_their_own_cache_folder(tmp_path, monkeypatch):
+    """A split with sudden-braking scenarios must not reuse the cached split without them."""
+    import sparse_ad.synth as synth
+    from sparse_ad.engine.runtime import resolve_data_root
+
+    written = []
+    monkeypatch.setenv("SPARSE_AD_CACHE", str(tmp_path))
+    def fake_write_split(root, **kw):
+        root.mkdir(parents=True)
+        written.append((root.name, kw["braking_share"]))
+
+    monkeypatch.setattr(synth, "write_split", fake_write_split)
+    plain = resolve_data_root(load_config(None, ["data.synth_seed=3"]))
+    braking = resolve_data_root(load_config(None, ["data.synth_seed=3", "data.synth_braking_share=0.5"]))
+    assert plain.name == "synth_s8_f10_a0.6_seed3"          # as before braking existed: caches stay valid
+    assert braking != plain and written == [(plain.name, 0.0), (braking.name, 0.5)]

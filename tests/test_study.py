@@ -82,6 +82,17 @@ def test_compare_pairs_runs_by_seed_and_knows_which_way_is_better():
         compare(ours, _study(seeds=(7, 8, 9)))
 
 
+def test_a_study_from_before_braking_scenarios_pairs_with_braking_share_zero():
+    """Studies written before `synth_braking_share` existed trained without braking scenarios."""
+    old = _study()
+    zero, some = _study(), _study()
+    zero["resolved_config"]["data"]["synth_braking_share"] = 0.0
+    some["resolved_config"]["data"]["synth_braking_share"] = 0.5
+    assert compare(zero, old)["seeds"] == [0, 1, 2]
+    with pytest.raises(ConfigError, match="trained on other splits"):
+        compare(some, old)
+
+
 def test_a_missing_baseline_names_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="point --baseline at an earlier study's --out directory"):
         run_study(_args(tmp_path, "--baseline", str(tmp_path / "nothing")))
