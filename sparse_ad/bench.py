@@ -91,6 +91,53 @@ def median_ms(device_type: str, repeats: int, fn, *args, warmup: int = 3) -> flo
     return _median_ms_cpu(repeats, fn, *args, warmup=warmup)
 
 
+def interleaved_ms(device_type: str, fns: dict, rounds: int, warmup: int = 3) -> dict:
+    """{name: {"median", "p10", "p90"}} ms per call of each `fns[name]()`, timed in turn in each
+    of `rounds` rounds (CUDA events around each call, the device idle before it; wall time on
+    CPU), with the garbage collector off while timing.
+
+    Interleaving puts every variant under the same conditions (clocks, other tenants), so the
+    whole and its parts, or two versions, compare within one run; the spread says how far a
+    single median can be trusted (session 2 saw medians of 10 calls move by 50% between runs).
+    """
+    import gc
+
+    cuda = device_type == "cuda"
+    if cuda:
+        import torch
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                if cuda:
+                    torch.cuda.synchronize()
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    end.synchronize()
+                    times[name].append(start.elapsed_time(end))
+                else:
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        if was_enabled:
+            gc.enable()
+    return {name: _spread(t) for name, t in times.items()}
+
+
+def _spread(times: list[float]) -> dict:
+    q = np.percentile(times, [10, 50, 90])
+    return {"median": float(q[1]), "p10": float(q[0]), "p90": float(q[2])}
+
+
 def _median_ms_cpu(repeats: int, fn, *args, warmup: int = 1) -> float:
     for _ in range(warmup):                                     # warm-up (and numba compile)
         fn(*args)

@@ -8,8 +8,10 @@ loader would hand them over) → device → voxelize → features → BN-folded 
 incl. the copy and features; U-Net incl. the sparse tensor and sigmoid). The unfused model
 under autocast (the eval path before folding) is timed too, for comparison. Inputs are LiDAR-like sweeps of
 `points` points on the AnoVox grid (`bench.lidar_cloud`), so no dataset is needed. Timings
-on CUDA use events after warm-up (median of repeats); on CPU, perf_counter. Prints a table
-and writes JSON.
+on CUDA use events after warm-up; on CPU, perf_counter. The training step is the median of
+`repeats`; the inference variants are timed in turn, round after round (`latency_rounds`),
+so the whole and its parts share conditions, and each gets a median and a 10-90% spread.
+Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from sparse_ad.bench import lidar_cloud, machine_info, median_ms
+from sparse_ad.bench import interleaved_ms, lidar_cloud, machine_info, median_ms
 from sparse_ad.config import load_config
 from sparse_ad.data.batch import Batch, voxelize_batch
 from sparse_ad.io import atomic_write_text
@@ -42,7 +44,8 @@ def _batch(points: int, batch_size: int, seed: int) -> Batch:
 
 
 def bench_model(config: str | None = None, overrides=(), points: int = 120_000, batch_size: int = 4,
-                repeats: int = 10, warmup: int = 3, device: str = "auto", seed: int = 0) -> dict:
+                repeats: int = 10, warmup: int = 3, device: str = "auto", seed: int = 0,
+                latency_rounds: int = 100) -> dict:
     from sparse_ad.engine.checkpoint import build_optimizer
     from sparse_ad.engine.runtime import pick_device
     from sparse_ad.engine.validate import frame_scores
@@ -85,7 +88,6 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
     host = torch.from_numpy(np.ascontiguousarray(batch.points[0][:, :4], dtype=np.float32))
     if dev.type == "cuda":
         host = host.pin_memory()
-    fused = None
     last = {}
 
     def vox_part():
@@ -113,16 +115,15 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    results = {}
-    stages = [("train_step", train_step), ("inference_unfused", infer_unfused), ("inference", infer),
-              ("inference_voxelize", vox_part), ("inference_unet", unet_part)]
+    results = {"train_step": float(median_ms(dev.type, repeats, train_step, warmup=warmup))}
+    fused = fuse_for_inference(model.eval(), half=dev.type == "cuda")   # from the trained weights and BN stats
+    model.train()
+    stages = {"inference": infer, "inference_voxelize": vox_part, "inference_unet": unet_part,
+              "inference_unfused": infer_unfused}
     if cfg.model.test_views > 1:
-        stages.append(("inference_views", infer_views))
-    for name, fn in stages:
-        if name == "inference":   # fold after training steps, from the current weights and BN stats
-            fused = fuse_for_inference(model.eval(), half=dev.type == "cuda")
-            model.train()
-        results[name] = float(median_ms(dev.type, repeats, fn, warmup=warmup))
+        stages["inference_views"] = infer_views
+    spread = interleaved_ms(dev.type, stages, latency_rounds, warmup=warmup)
+    results.update({name: s["median"] for name, s in spread.items()})
     voxels = len(voxelize_batch(one, grid, torch.device("cpu")).keys)
     out = {
         "device": str(dev), "points_per_frame": points, "voxels_per_frame": voxels, "batch_size": batch_size,
@@ -132,8 +133,9 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         "inference_voxelize_ms": results["inference_voxelize"], "inference_unet_ms": results["inference_unet"],
         "inference_unfused_amp_ms_per_frame": results["inference_unfused"],
         "test_views": cfg.model.test_views, "inference_views_ms_per_frame": results.get("inference_views"),
+        "inference_spread_ms": spread,
         "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else None,
-        "repeats": repeats, "machine": machine_info(),
+        "repeats": repeats, "latency_rounds": latency_rounds, "machine": machine_info(),
     }
     return out
 
@@ -163,13 +165,19 @@ def bench_reader(root: str, frames: int = 40, config: str | None = None) -> dict
             "voxelize_frames_per_s": len(samples) / t_vox}
 
 
+def _p10_p90(r: dict, name: str) -> str:
+    s = (r.get("inference_spread_ms") or {}).get(name)
+    return f"  (10-90%: {s['p10']:.1f}-{s['p90']:.1f}, {r['latency_rounds']} rounds)" if s else ""
+
+
 def format_table(r: dict) -> str:
     rows = [("device", r["device"]),
             ("points / voxels per frame", f"{r['points_per_frame']} / {r['voxels_per_frame']}"),
             ("batch size, AMP", f"{r['batch_size']}, {r['amp']}"),
             ("train step (ms, median)", f"{r['train_step_ms']:.1f}"),
             ("training throughput (frames/s)", f"{r['train_frames_per_s']:.1f}"),
-            ("inference per frame (ms)", f"{r['inference_ms_per_frame']:.1f}"),
+            ("inference per frame (ms, median)", f"{r['inference_ms_per_frame']:.1f}"
+             + _p10_p90(r, "inference")),
             ("  voxelize / U-Net (ms)", f"{r['inference_voxelize_ms']:.1f} / {r['inference_unet_ms']:.1f}"),
             ("  unfused SpUNet, autocast (ms)", f"{r['inference_unfused_amp_ms_per_frame']:.1f}"),
             *([(f"  with {r['test_views']} test views (ms)", f"{r['inference_views_ms_per_frame']:.1f}")]
@@ -186,12 +194,15 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.add_argument("--points", type=int, default=120_000)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=10, help="training steps timed (median)")
+    p.add_argument("--latency-rounds", type=int, default=100,
+                   help="rounds of the interleaved inference timings (each variant once per round)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data", default=None, help="also time reading + voxelizing this split's frames")
     p.add_argument("--out", type=Path, default=Path("runs/bench/model.json"))
     a = p.parse_args(argv)
-    r = bench_model(a.config, a.overrides, a.points, a.batch_size, a.repeats, device=a.device)
+    r = bench_model(a.config, a.overrides, a.points, a.batch_size, a.repeats, device=a.device,
+                    latency_rounds=a.latency_rounds)
     print(format_table(r))
     if a.data:
         r["reader"] = bench_reader(a.data, config=a.config)

@@ -129,8 +129,10 @@ def test_bench_model_smoke():
     from sparse_ad.bench_model import bench_model, format_table
 
     r = bench_model(None, ["model.channels=[8,16]", "model.blocks_per_level=1", "model.test_views=4"], points=4000,
-                    batch_size=1, repeats=1, warmup=0, device="cpu")
+                    batch_size=1, repeats=1, warmup=0, device="cpu", latency_rounds=3)
     assert r["train_frames_per_s"] > 0 and r["inference_ms_per_frame"] > 0 and r["voxels_per_frame"] > 100
+    s = r["inference_spread_ms"]["inference"]
+    assert s["p10"] <= s["median"] == r["inference_ms_per_frame"] <= s["p90"]
     assert r["test_views"] == 4 and r["inference_views_ms_per_frame"] > 0
     assert "training throughput" in format_table(r) and "with 4 test views" in format_table(r)
 
