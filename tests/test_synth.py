@@ -500,3 +500,39 @@ def test_cli_writes_a_split(tmp_path, capsys):
 def test_bad_arguments_raise_config_error(tmp_path, kw):
     with pytest.raises(ConfigError):
         _write(tmp_path / "bad", **kw)
+
+
+def test_lead_van_scores_split_the_van_by_what_it_does(braking, tmp_path):
+    """Fake predictions (1.0 on tag 100, 0.5 on vehicles, 0 elsewhere) come out per category:
+    every tag-100 voxel is the braking van, the same van before it brakes and the static
+    scenario's lead van (in the lane before it turns off) are found as vehicles."""
+    from sparse_ad.data.anovox import open_split
+    from sparse_ad.engine.evaluate import prediction_file
+    from sparse_ad.export import prediction_rows
+    from sparse_ad.synth.lead_vans import lead_van_scores, replan
+
+    root, summary = braking
+    tag100 = 0
+    for ref in open_split(root, None).frames:
+        gt = _gt(ref.scenario.path, ref.frame)
+        score = np.where(gt[:, 3] == 100, 1.0, np.where(np.isin(gt[:, 3], [14, 15]), 0.5, 0.0))
+        tag100 += int((gt[:, 3] == 100).sum())
+        path = prediction_file(tmp_path, ref)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, prediction_rows(gt[:, :3], score))
+    r = lead_van_scores(root, tmp_path, threshold=0.75)["categories"]
+    assert r["braking"]["voxels"] == tag100 > 0 and r["braking"]["median"] == 1.0
+    assert r["braking"]["above_threshold"] == 1.0
+    for other in ("same van, other frames", "other lead vans"):
+        assert r[other]["voxels"] > 10 and r[other]["median"] == 0.5 and r[other]["above_threshold"] == 0.0
+    assert set(replan(root)) == set(summary.scenario_ids)
+
+
+def test_lead_van_scores_need_a_synthetic_split(mono, tmp_path):
+    from sparse_ad.synth.lead_vans import replan
+
+    root, _ = mono
+    (tmp_path / "Scenario_Configuration_Files").mkdir()
+    with pytest.raises(ConfigError, match="split written by `sparse-ad synth`"):
+        replan(tmp_path)
+    assert len(replan(root)) == 2

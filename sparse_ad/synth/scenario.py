@@ -94,8 +94,8 @@ class Plan:
     anomaly_id: int
     frame_seed: np.random.SeedSequence
     kind: str = "normal"         # "normal" or one of KINDS
-    anomaly_group: int = -1      # braking: the van's motion group, tagged BRAKING_TAG ...
-    anomaly_frames: np.ndarray | None = None   # ... in these frames (F,) bool
+    lead_group: int = -1         # the lead van's motion group (-1: no lead van)
+    anomaly_frames: np.ndarray | None = None   # braking: frames (F,) bool in which the lead van is tagged 100
 
     @property
     def num_frames(self) -> int:
@@ -183,7 +183,7 @@ def plan_scenario(seq: np.random.SeedSequence, index: int, frames: int, anomalou
         vehicle_id=vehicle_id, anomaly_id=vehicle_id + int(rng.integers(1, 300)),
         frame_seed=np.random.SeedSequence(seq.entropy, spawn_key=seq.spawn_key + (1,)),
         anomaly_motion=anomaly_motion, kind=kind if anomalous else "normal",
-        anomaly_group=lead_group if braking else -1, anomaly_frames=anomaly_frames)
+        lead_group=lead_group, anomaly_frames=anomaly_frames)
 
 
 def _plan_braking(rng, v0: float, times: np.ndarray, lead: dict) -> tuple[int, Motion, Motion]:
@@ -280,7 +280,7 @@ def render_frame(plan: Plan, k: int, sets: tuple[SensorSet, ...], points_per_swe
                                                        spawn_key=plan.frame_seed.spawn_key + (k,)))
     prims = plan.prims
     if plan.anomaly_frames is not None and plan.anomaly_frames[k]:   # the braking van: tag 100 now
-        tag = np.where(prims.group == plan.anomaly_group, np.int32(plan.anomaly.tag), prims.tag).astype(np.int32)
+        tag = np.where(prims.group == plan.lead_group, np.int32(plan.anomaly.tag), prims.tag).astype(np.int32)
         prims = dataclasses.replace(prims, tag=tag)
     centers = prims.center + plan.offsets[k][prims.group]
     ego = plan.ego_position(k)
