@@ -120,6 +120,7 @@ class TrainConfig:
     max_minutes: float = 0.0       # 0 = no time budget
     cpu_threads: int = 0           # torch threads on CPU; 0 = torch's default
     ema_decay: float = 0.0         # > 0: validate and export an EMA of the weights (engine/ema.py)
+    select_on: str = "anomalies_only"  # validation AUPR that picks best.pt: anomalies_only | normality_included
 
 
 @dataclass

@@ -44,6 +44,34 @@ def test_train_writes_checkpoints_metrics_and_resumes(trained, capsys):
     assert json.loads((run / "history.json").read_text()) == history
 
 
+@pytest.mark.parametrize("section,best_epoch", [("anomalies_only", 1), ("normality_included", 2)])
+def test_best_checkpoint_follows_the_selected_validation_aupr(tiny_split, tmp_path, monkeypatch, section, best_epoch):
+    """Validation AUPRs that disagree between sections (crafted): best.pt follows train.select_on."""
+    import sparse_ad.engine.train as train_mod
+    from sparse_ad.engine.validate import validate
+
+    def crafted(cfg, rt, model, epoch):
+        metrics = validate(cfg, rt, model, epoch)
+        metrics["anomalies_only"]["aupr"] = (0.9, 0.1)[epoch]
+        metrics["normality_included"]["aupr"] = (0.1, 0.9)[epoch]
+        return metrics
+
+    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
+    monkeypatch.setattr(train_mod, "validate", crafted)
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", *TINY, f"train.select_on={section}"])
+    assert train(cfg, tmp_path / "run")["best_epoch"] == best_epoch
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == best_epoch
+
+
+def test_select_on_must_name_a_section(tmp_path):
+    from sparse_ad.errors import ConfigError
+
+    cfg = load_config("configs/demo.yaml", ["train.select_on=accuracy"])
+    with pytest.raises(ConfigError, match="train.select_on: expected one of anomalies_only, normality_included"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_predict_then_eval_preds_equals_eval(trained, tmp_path):
     cfg, run, _ = trained
     ev = evaluate_checkpoint(run / "best.pt", tmp_path / "eval", all_frames=True, progress=False)

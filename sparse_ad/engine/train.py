@@ -4,9 +4,10 @@
   voxelization inside the step on the step's device.
 - Loss: class-balanced focal loss by default, with class counts taken once over the
   training split's target voxels (cached in the run folder).
-- Checkpoints: `last.pt` every epoch and on SIGINT/SIGTERM, `best.pt` by validation AUPR,
-  both written atomically and loaded with `weights_only=True`; the resolved config is
-  saved beside them. Running the same command again resumes.
+- Checkpoints: `last.pt` every epoch and on SIGINT/SIGTERM, `best.pt` by validation AUPR
+  (anomalies-only, or normality-included with `train.select_on`), both written atomically
+  and loaded with `weights_only=True`; the resolved config is saved beside them. Running
+  the same command again resumes.
 - Validation reports AUROC, AUPR, FPR95, recall, detections and positive rate at a
   threshold calibrated on validation; a collapse alarm fires when anomalies exist in
   validation but nothing is detected.
@@ -30,7 +31,7 @@ from sparse_ad.config import Config, config_to_dict, save_config
 from sparse_ad.engine import checkpoint as ckpt
 from sparse_ad.engine.runtime import Runtime, make_loader, setup_runtime
 from sparse_ad.engine.validate import validate
-from sparse_ad.errors import SparseADError
+from sparse_ad.errors import ConfigError, SparseADError
 from sparse_ad.io import atomic_write_text
 
 
@@ -65,8 +66,22 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+SELECT_ON = ("anomalies_only", "normality_included")
+"""Validation sections whose AUPR can pick best.pt. Anomalies-only is the benchmark's headline;
+normality-included also counts false alarms in frames without anomalies, which is where a
+model that cannot tell a braking vehicle from a cruising one pays (README, temporal anomalies)."""
+
+
+def selection_score(metrics: dict, section: str) -> float:
+    """The validation AUPR of `section`, or -1 when undefined (no anomaly voxels)."""
+    aupr = metrics[section].get("aupr")
+    return aupr if aupr is not None and not math.isnan(aupr) else -1.0
+
+
 def train(cfg: Config, run_dir: Path) -> dict:
     """Train (or resume) into `run_dir`; returns the final summary dict."""
+    if cfg.train.select_on not in SELECT_ON:
+        raise ConfigError(f"train.select_on: expected one of {', '.join(SELECT_ON)}, found {cfg.train.select_on!r}")
     run_dir = Path(run_dir)
     rt = setup_runtime(cfg, run_dir)
     try:
@@ -204,8 +219,7 @@ def _record_epoch(cfg, rt, run_dir, state, sched, epoch, stats, metrics, writer)
     """Collapse alarm, history, TensorBoard, last.pt and best.pt for one finished epoch."""
     state.epoch = epoch + 1
     state.threshold = metrics["threshold"]
-    aupr = metrics["anomalies_only"].get("aupr")
-    score = aupr if aupr is not None and not math.isnan(aupr) else -1.0
+    score = selection_score(metrics, cfg.train.select_on)
     improved = score > state.best_score
     if improved:
         state.best_score, state.best_epoch = score, epoch + 1
