@@ -30,9 +30,11 @@ from sparse_ad.errors import ConfigError, SparseADError
 from sparse_ad.io import atomic_write_text
 
 VOXEL_METRICS = ("auroc", "aupr", "fpr95", "recall")
-METRICS = (*VOXEL_METRICS, "objects_found")
-"""Anomalies-only voxel metrics, and the share of objects whose median voxel scores above 99% of
-the normal voxels (`protocol.object_summary`): less noisy than pooled AUPR on few objects."""
+METRICS = (*VOXEL_METRICS, "aupr_all", "objects_found")
+"""Anomalies-only voxel metrics; `aupr_all`, the normality-included AUPR (it also counts false
+alarms in frames without anomalies, e.g. on a vehicle in the frames before it brakes); and the
+share of objects whose median voxel scores above 99% of the normal voxels
+(`protocol.object_summary`): less noisy than pooled AUPR on few objects."""
 LOWER_IS_BETTER = ("fpr95",)
 SPLIT_KEYS = ("synth_scenarios", "synth_frames", "synth_anomaly_share", "synth_braking_share", "val_fraction",
               "split_seed")
@@ -153,7 +155,7 @@ def _one_seed(base, seed: int, test_root: Path, run_dir: Path) -> dict:
 
     done = run_dir / "study_row.json"
     if done.exists():
-        return json.loads(done.read_text())
+        return _refresh(json.loads(done.read_text()), run_dir)
     start = time.monotonic()
     summary = train(_seeded(base, seed), run_dir)
     minutes = (time.monotonic() - start) / 60
@@ -168,9 +170,23 @@ def _one_seed(base, seed: int, test_root: Path, run_dir: Path) -> dict:
     return row
 
 
+def _refresh(row: dict, run_dir: Path) -> dict:
+    """A finished seed's row with the metrics this version reports, recomputed from the run's own
+    files (validation's best epoch in summary.json, the test evaluation's metrics.json) when a
+    study written by an earlier version lacks some: no training, no evaluation."""
+    summary, test = run_dir / "summary.json", run_dir / "test" / "metrics.json"
+    if all(k in row[s] for s in ("held_out", "test") for k in METRICS) or not (summary.exists() and test.exists()):
+        return row
+    row = {**row, "held_out": _scope(json.loads(summary.read_text())["best"]),
+           "test": _scope(json.loads(test.read_text()))}
+    atomic_write_text(run_dir / "study_row.json", json.dumps(row, indent=2))
+    return row
+
+
 def _scope(metrics: dict) -> dict:
     """The study's numbers from one metrics dict (validation's best epoch, or `eval`'s JSON)."""
     out = {k: metrics["anomalies_only"].get(k) for k in (*VOXEL_METRICS, "anomaly_voxels")}
+    out["aupr_all"] = metrics["normality_included"].get("aupr")
     ob = metrics.get("objects", {})
     out["objects_found"] = ob["median_above_99pct_of_normals"] / ob["objects"] if ob.get("objects") else None
     return out

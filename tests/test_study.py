@@ -44,6 +44,15 @@ def test_study_trains_each_seed_scores_both_splits_and_reuses_finished_seeds(tmp
     assert again["versus_baseline"]["held_out"]["aupr"] == {"mean": 0.0, "std": 0.0, "better": 0, "seeds": 2}
     assert "paired over seeds 0 1" in capsys.readouterr().out
 
+    # a row written before `aupr_all` existed is completed from the run's files, still without training
+    row_file = tmp_path / "study" / "seed1" / "study_row.json"
+    old = json.loads(row_file.read_text())
+    for scope in ("held_out", "test"):
+        del old[scope]["aupr_all"]
+    row_file.write_text(json.dumps(old))
+    refreshed = run_study(_args(tmp_path))
+    assert refreshed["runs"] == result["runs"] and 0.0 < refreshed["runs"][1]["test"]["aupr_all"] <= 1.0
+
 
 def test_study_refuses_a_test_seed_it_trains_on_and_real_data(tmp_path):
     with pytest.raises(ConfigError, match="also a training seed"):
