@@ -19,6 +19,8 @@ TAG_NAMES = {
     214: "ego vehicle",
 }
 
+GENERIC_ANOMALY = 100
+"""The generator's own `anomaly` tag, e.g. a lead vehicle during a sudden-braking interval."""
 ROAD = 1
 SIDEWALK = 2
 ROAD_LINE = 24

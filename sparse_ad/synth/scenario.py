@@ -38,6 +38,7 @@ from sparse_ad.synth.sensors import (
     camera_directions,
     lidar_directions,
 )
+from sparse_ad.tags import GENERIC_ANOMALY
 from sparse_ad.voxelize import voxelize
 
 FRAME_STRIDE = 2
@@ -48,7 +49,7 @@ ANOMALY_HALF_WIDTH = 0.9
 """Anomalies stay within +-0.9 m of the ego lane's centre (inside the lead van's shadow)."""
 KINDS = ("static", "braking")
 """Anomaly scenario kinds: an object on the road, or the lead vehicle braking suddenly."""
-BRAKING_TAG = 100
+BRAKING_TAG = GENERIC_ANOMALY
 EGO_FRONT = 2.4
 """Ego centre to front bumper (m)."""
 VAN_BLUEPRINT = "vehicle.carlamotors.carlacola"
