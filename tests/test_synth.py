@@ -492,6 +492,10 @@ def test_cli_writes_a_split(tmp_path, capsys):
     assert run_synth(args) == 0
     assert "1 scenarios x 1 frames" in capsys.readouterr().out
     assert len(list((tmp_path / "cli").glob("Scenario_*-*"))) == 1
+    args = parser.parse_args([str(tmp_path / "brk"), "--scenarios", "2", "--frames", "3", "--anomaly-share", "1",
+                              "--braking-share", "0.5", "--points", "640", "--no-progress"])
+    assert run_synth(args) == 0
+    assert "2 with an anomaly (1 sudden braking)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("kw", [dict(sensor_sets="surround"), dict(points_per_sweep=10), dict(anomaly_share=1.5),
