@@ -38,9 +38,9 @@ share of objects whose median voxel scores above 99% of the normal voxels
 LOWER_IS_BETTER = ("fpr95",)
 SPLIT_KEYS = ("synth_scenarios", "synth_frames", "synth_anomaly_share", "synth_braking_share", "val_fraction",
               "split_seed")
+"""data.* keys that decide a seed's training split and held-out scenarios: equal for a paired comparison."""
 SPLIT_DEFAULTS = {"synth_braking_share": 0.0}
 """What a study written before a key existed trained with."""
-"""data.* keys that decide a seed's training split and held-out scenarios: equal for a paired comparison."""
 
 
 def add_study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
