@@ -86,9 +86,7 @@ def torch_unique_reference(points, grid: VoxelGrid):  # pragma: no cover - GPU o
 # --- timing -----------------------------------------------------------------------------------
 def median_ms(device_type: str, repeats: int, fn, *args, warmup: int = 3) -> float:
     """Median ms of `fn(*args)` after `warmup` calls: CUDA events on "cuda", else wall time."""
-    if device_type == "cuda":
-        return _median_ms_cuda(repeats, fn, *args, warmup=warmup)
-    return _median_ms_cpu(repeats, fn, *args, warmup=warmup)
+    return interleaved_ms(device_type, {"fn": lambda: fn(*args)}, repeats, warmup)["fn"]["median"]
 
 
 def interleaved_ms(device_type: str, fns: dict, rounds: int, warmup: int = 3) -> dict:
@@ -138,17 +136,6 @@ def _spread(times: list[float]) -> dict:
     return {"median": float(q[1]), "p10": float(q[0]), "p90": float(q[2])}
 
 
-def _median_ms_cpu(repeats: int, fn, *args, warmup: int = 1) -> float:
-    for _ in range(warmup):                                     # warm-up (and numba compile)
-        fn(*args)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(*args)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def host_ms(fn, repeats: int = 30, sync: bool = True, warmup: int = 5) -> float:  # pragma: no cover
     """Median wall ms of `fn()` on a CUDA machine: with `sync`, until the device is done (what a
     call costs); without, the host time to issue it. Their gap tells host- from device-bound."""
@@ -165,23 +152,6 @@ def host_ms(fn, repeats: int = 30, sync: bool = True, warmup: int = 5) -> float:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
     torch.cuda.synchronize()
-    return statistics.median(times)
-
-
-def _median_ms_cuda(repeats: int, fn, *args, warmup: int = 3) -> float:  # pragma: no cover
-    import torch
-
-    for _ in range(warmup):
-        fn(*args)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*args)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
@@ -208,8 +178,8 @@ def bench_cpu(sizes, resolutions, repeats: int, seed: int) -> list[dict]:
             if not (np.array_equal(vox.keys, ref_keys) and np.array_equal(vox.point2voxel, ref_p2v)):
                 raise SparseADError(f"voxelize and the numpy reference disagree on {n} points at "
                                     f"{res} m; not timing a wrong result")
-            base = _median_ms_cpu(repeats, numpy_reference, points, grid)
-            ours = _median_ms_cpu(repeats, voxelize, points, grid)
+            base = median_ms("cpu", repeats, numpy_reference, points, grid, warmup=1)
+            ours = median_ms("cpu", repeats, voxelize, points, grid, warmup=1)
             rows.append(_row("cpu", "numpy np.unique", n, res, len(ref_keys), base))
             rows.append(_row("cpu", "sparse_ad numba", n, res, len(vox), ours, base))
     return rows
@@ -235,13 +205,13 @@ def bench_cuda(sizes, resolutions, repeats: int, seed: int) -> tuple[list[dict],
             if not same:
                 raise SparseADError(f"voxelize_cuda and torch.unique disagree on {n} points at {res} m")
             m = len(vox)
-            base = _median_ms_cuda(repeats, torch_unique_reference, points, grid)
+            base = median_ms("cuda", repeats, torch_unique_reference, points, grid)
             rows.append(_row("cuda", "torch.unique", n, res, m, base))
-            ours = _median_ms_cuda(repeats, voxelize_cuda, points, grid)
+            ours = median_ms("cuda", repeats, voxelize_cuda, points, grid)
             floor = _floor_ms(n, m, points, labels=False, hw=hw)
             rows.append(_row("cuda", "sparse_ad numba", n, res, m, ours, base, floor_ms=round(floor, 3),
                              x_floor=round(ours / floor, 1)))
-            ours_l = _median_ms_cuda(repeats, voxelize_cuda, points, grid, tags)
+            ours_l = median_ms("cuda", repeats, voxelize_cuda, points, grid, tags)
             floor_l = _floor_ms(n, m, points, labels=True, hw=hw)
             rows.append(_row("cuda", "sparse_ad numba + labels", n, res, m, ours_l, base,
                              floor_ms=round(floor_l, 3), x_floor=round(ours_l / floor_l, 1)))
@@ -273,7 +243,7 @@ def _bench_spconv(points, grid, ref_keys, repeats, base):  # pragma: no cover - 
     # land in the neighbouring voxel: report how many voxels differ instead of failing.
     differ = int(torch.isin(keys, ref_keys, invert=True).sum()) + int(
         torch.isin(ref_keys, keys, invert=True).sum())
-    ms = _median_ms_cuda(repeats, gen.generate_voxel_with_id, points)
+    ms = median_ms("cuda", repeats, gen.generate_voxel_with_id, points)
     return _row("cuda", "spconv PointToVoxel", n, grid.resolution, len(keys), ms, base,
                 voxels_differing_from_reference=differ)
 
@@ -285,7 +255,7 @@ def _measure_device() -> dict:  # pragma: no cover - GPU only
 
     buf = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     out = torch.empty_like(buf)
-    ms = _median_ms_cuda(10, out.copy_, buf)
+    ms = median_ms("cuda", 10, out.copy_, buf)
     bandwidth = 2 * buf.numel() / (ms / 1e3)                     # read + write, bytes/s
 
     @cuda.jit
