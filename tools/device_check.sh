@@ -28,7 +28,7 @@ from numba import cuda; print(torch.__version__, torch.version.cuda, numba.__ver
 spconv.__version__, cuda.is_available(), torch.cuda.get_device_name())'" ;;
   cases) step cases 180 $PY -m pytest -q -p no:cacheprovider tests/cudasim_cases.py ;;
   vox) step vox 200 $PY tools/voxelize.py --device cuda --out "$OUT/voxelize.json" ;;
-  model) step model 200 bash -c "$PY tools/bench_model.py --config configs/anovox_mono.yaml --device cuda \
+  model) step model 300 bash -c "$PY tools/bench_model.py --config configs/anovox_mono.yaml --device cuda \
 --batch-size 8 --out $OUT/model_mono.json && $PY tools/bench_model.py --config configs/anovox_mono.yaml \
 --device cuda --batch-size 8 --out $OUT/model_mono_1block.json model.blocks_per_level=1 && \
 $PY tools/bench_model.py --config configs/demo.yaml --device cuda --batch-size 8 --out $OUT/model_demo.json" ;;
