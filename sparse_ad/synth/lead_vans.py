@@ -98,10 +98,10 @@ def lead_van_scores(root: Path, pred_dir: Path, threshold: float | None = None, 
         tags = lookup_tags(keys, gt)
         targets = targets_from_tags(tags, lut)
         normal.append(s[(tags >= 0) & (targets != IGNORE) & (targets != ANOMALY)])
-        van = (tags >= 0) & lead_van_mask(plan, plan.frame_ids.index(ref.frame), grid.decode(keys), tags, grid)
+        k = plan.frame_ids.index(ref.frame)
+        van = (tags >= 0) & lead_van_mask(plan, k, grid.decode(keys), tags, grid)
         if plan.kind == "braking":
-            braking = bool(plan.anomaly_frames[plan.frame_ids.index(ref.frame)])
-            scores["braking" if braking else "same van, other frames"].append(s[van])
+            scores["braking" if plan.anomaly_frames[k] else "same van, other frames"].append(s[van])
         else:
             scores["other lead vans"].append(s[van])
     q99 = float(np.quantile(np.concatenate(normal), 0.99))
