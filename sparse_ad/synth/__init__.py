@@ -49,7 +49,7 @@ from sparse_ad.synth.scenario import plan_scenario
 from sparse_ad.synth.sensors import DEFAULT_POINTS_PER_SWEEP, SENSOR_SETS, sensor_setup
 from sparse_ad.synth.writer import write_scenario
 
-__all__ = ["SplitSummary", "add_synth_args", "run_synth", "write_split"]
+__all__ = ["SplitSummary", "add_synth_args", "plan_split", "run_synth", "write_split"]
 
 CONFIG_FOLDER = "Scenario_Configuration_Files"
 CONFIG_FILE = "scenario_config_map_SynthTown.json"
@@ -106,6 +106,17 @@ def braking_mask(anomalous: np.ndarray, share: float, seed: int) -> np.ndarray:
     return mask
 
 
+def plan_split(scenarios: int, frames: int, seed: int, anomaly_share: float, braking_share: float = 0.0):
+    """The plans of a split's scenarios, in order: which get an anomaly, which of those brake,
+    and each scenario drawn from its own seed stream (what `write_split` renders; what an
+    analysis re-draws from the split's config to know where things were)."""
+    mask = anomaly_mask(scenarios, anomaly_share, seed)
+    braking = braking_mask(mask, braking_share, seed)
+    for i in range(scenarios):
+        yield plan_scenario(np.random.SeedSequence(seed, spawn_key=(i,)), i, frames, bool(mask[i]),
+                            "braking" if braking[i] else "static")
+
+
 def write_split(out: Path, scenarios: int, frames: int, seed: int, anomaly_share: float = 0.6,
                 sensor_sets: str = "mono", progress: bool = True,
                 points_per_sweep: int | None = None, braking_share: float = 0.0) -> SplitSummary:
@@ -128,14 +139,10 @@ def write_split(out: Path, scenarios: int, frames: int, seed: int, anomaly_share
     out.mkdir(parents=True, exist_ok=True)
     sets = SENSOR_SETS[sensor_sets]
     setup, names = sensor_setup(sets, points_per_sweep, seed)
-    mask = anomaly_mask(scenarios, anomaly_share, seed)
-    braking = braking_mask(mask, braking_share, seed)
     summary = SplitSummary(out, [], frames, [], 0, 0.0, points_per_sweep=points_per_sweep, sensor_sets=sensor_sets)
     plans_meta = []
     with tqdm(total=scenarios * frames, disable=not progress, desc="synth", unit="frame") as bar:
-        for i in range(scenarios):
-            plan = plan_scenario(np.random.SeedSequence(seed, spawn_key=(i,)), i, frames, bool(mask[i]),
-                                 "braking" if braking[i] else "static")
+        for plan in plan_split(scenarios, frames, seed, anomaly_share, braking_share):
             stats = write_scenario(out, plan, sets, names, setup, points_per_sweep, tick=bar.update)
             sid = plan.scenario_id
             summary.scenario_ids.append(sid)

@@ -34,8 +34,8 @@ from sparse_ad.data.labels import ANOMALY, IGNORE, GroundTruth, lookup_tags, tar
 from sparse_ad.errors import ConfigError
 from sparse_ad.grid import VoxelGrid
 from sparse_ad.io import atomic_write_text
-from sparse_ad.synth import CONFIG_FILE, CONFIG_FOLDER, anomaly_mask, braking_mask
-from sparse_ad.synth.scenario import BRAKING_TAG, Plan, plan_scenario
+from sparse_ad.synth import CONFIG_FILE, CONFIG_FOLDER, plan_split
+from sparse_ad.synth.scenario import BRAKING_TAG, Plan
 from sparse_ad.synth.scene import CAR, TRUCK
 
 CATEGORIES = ("braking", "same van, other frames", "other lead vans")
@@ -55,11 +55,8 @@ def replan(root: Path) -> dict[str, Plan]:
     if synth.get("sensor_sets", "mono") != "mono":
         raise ConfigError(f"{path}: sensor_sets {synth['sensor_sets']!r}; the lead-van footprint is measured on "
                           "mono splits only (write one with --sensor-sets mono)")
-    n, seed = int(synth["scenarios"]), int(synth["seed"])
-    anomalous = anomaly_mask(n, synth["anomaly_share"], seed)
-    braking = braking_mask(anomalous, synth.get("braking_share", 0.0), seed)
-    plans = [plan_scenario(np.random.SeedSequence(seed, spawn_key=(i,)), i, int(synth["frames"]), bool(anomalous[i]),
-                           "braking" if braking[i] else "static") for i in range(n)]
+    plans = plan_split(int(synth["scenarios"]), int(synth["frames"]), int(synth["seed"]), synth["anomaly_share"],
+                       synth.get("braking_share", 0.0))
     return {p.scenario_id: p for p in plans}
 
 
