@@ -169,7 +169,8 @@ class SensorTransform:
                 p[:, 1] = -p[:, 1]
             if not self.is_identity_rotation:
                 p = p @ self.matrix().T
-            return p + self.translation
+            p += self.translation   # p is a fresh array: in place, same values as p + t
+            return p
         import torch
 
         p = points[:, :3].to(torch.float64)

@@ -98,9 +98,13 @@ class Frame:
 
     def grid_points(self, **variant) -> np.ndarray:
         """All sensors' points in the grid frame: (N, 4) float64 = x, y, z, 4th column."""
-        parts = [np.concatenate([s.transform(**variant).apply(p), p[:, 3:4].astype(np.float64)], axis=1)
-                 for s, p in self.points]
-        return np.concatenate(parts, axis=0) if parts else np.zeros((0, 4))
+        out = np.empty((sum(len(p) for _, p in self.points), 4), np.float64)
+        at = 0
+        for s, p in self.points:
+            out[at:at + len(p), :3] = s.transform(**variant).apply(p)
+            out[at:at + len(p), 3] = p[:, 3]
+            at += len(p)
+        return out
 
 
 @dataclass

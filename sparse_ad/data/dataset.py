@@ -19,10 +19,10 @@ import numpy as np
 
 from sparse_ad.config import AugmentConfig, Config
 from sparse_ad.data.anovox import FrameRef, load_frame
-from sparse_ad.data.labels import ANOMALY, GroundTruth, lookup_tags, target_table, targets_from_tags
+from sparse_ad.data.labels import ANOMALY, GroundTruth, target_table
+from sparse_ad.data.per_point import add_xyz, finite_rows, point_targets, rotate_flip_scale
 from sparse_ad.data.sweeps import check_sweeps, stacked_grid_points
 from sparse_ad.errors import SparseADError
-from sparse_ad.grid import VoxelGrid
 
 
 @dataclass
@@ -37,23 +37,14 @@ class Sample:
     lidar_sees_anomaly: bool   # ... and the LiDAR hits at least one of them
 
 
-def point_targets(points_grid: np.ndarray, gt: GroundTruth, grid: VoxelGrid, lut: np.ndarray) -> np.ndarray:
-    """Target of the GT voxel each grid-frame point falls in (-1 outside / not in GT)."""
-    return targets_from_tags(lookup_tags(grid.point_keys(points_grid), gt), lut)
-
-
 def augment(points: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """Rotate about z, flip y, scale and jitter the xyz of grid-frame points (a copy)."""
-    out = points.copy()
+    """Rotate about z, flip y, scale and jitter the xyz of grid-frame points (a copy).
+    The draws, in this order: angle, flip (if enabled), scale, jitter (N, 3)."""
     theta = np.deg2rad(rng.uniform(-cfg.rotate_z_deg, cfg.rotate_z_deg))
-    c, s = np.cos(theta), np.sin(theta)
-    x, y = out[:, 0].copy(), out[:, 1].copy()
-    out[:, 0], out[:, 1] = c * x - s * y, s * x + c * y
-    if cfg.flip_y and rng.random() < 0.5:
-        out[:, 1] = -out[:, 1]
-    out[:, :3] *= rng.uniform(*cfg.scale)
+    flip = bool(cfg.flip_y and rng.random() < 0.5)
+    out = rotate_flip_scale(points, np.cos(theta), np.sin(theta), flip, rng.uniform(*cfg.scale))
     if cfg.jitter_m > 0:
-        out[:, :3] += rng.normal(0.0, cfg.jitter_m, size=(len(out), 3))
+        add_xyz(out, rng.normal(0.0, cfg.jitter_m, size=(len(out), 3)))
     return out
 
 
@@ -109,10 +100,8 @@ class FrameDataset:
             gt = GroundTruth.from_rows(frame.gt, self.grid, str(ref.scenario.voxel_grid_file(ref.frame)))
         else:  # prediction on a split without ground truth: every target is "ignore"
             gt = GroundTruth(np.zeros(0, np.int64), np.zeros(0, np.int64))
-        finite = np.isfinite(points).all(axis=1)
-        if not finite.all():
-            points = points[finite]
-        targets = point_targets(points, gt, self.grid, self.lut)
+        points = finite_rows(points)
+        targets = point_targets(points, gt.keys, gt.tags, self.grid, self.lut)
         gt_has_anomaly = bool((self.lut[gt.tags] == ANOMALY).any()) if len(gt.tags) else False
         if self.train and self.cfg.augment.enabled:
             rng = np.random.default_rng([self.cfg.train.seed, self.epoch, index])

@@ -11,7 +11,7 @@ and an earlier sweep's point reaches the current sensor frame as
     p_now = F @ inv(M_now) @ M_then @ F @ p_then
 
 after which the sensor → grid transform is the current frame's, so every sweep lands on
-the current frame's grid and its ground truth labels them all (`dataset.point_targets`).
+the current frame's grid and its ground truth labels them all (`per_point.point_targets`).
 A point of an object that moved lands where the object no longer is: usually a voxel the
 current ground truth does not hold, whose target is "ignore" and which the AnoVox protocol
 does not score. Each point carries its sweep's lag, k / (sweeps - 1) for the k-th earlier
