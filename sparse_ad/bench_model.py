@@ -6,9 +6,10 @@ latency of one inference frame: host float32 (N, 4) points (xyz, intensity; pinn
 loader would hand them over) → device → voxelize → features → BN-folded U-Net
 (`fuse_for_inference`, real fp16 on CUDA) → sigmoid, with its two parts timed apart (voxelize
 incl. the copy and features; U-Net incl. the sparse tensor and sigmoid). The unfused model
-under autocast (the eval path before folding) is timed too, for comparison. Inputs are LiDAR-like sweeps of
-`points` points on the AnoVox grid (`bench.lidar_cloud`), so no dataset is needed. Timings
-on CUDA use events after warm-up; on CPU, perf_counter. The training step is the median of
+under autocast (the eval path before folding) is timed too, for comparison, and so is the
+same path with the `gather_gemm` engine (and how far its probabilities are from spconv's).
+Inputs are LiDAR-like sweeps of `points` points on the AnoVox grid (`bench.lidar_cloud`), so
+no dataset is needed. Timings on CUDA use events after warm-up; on CPU, perf_counter. The training step is the median of
 `repeats`; the inference variants are timed in turn, round after round (`latency_rounds`),
 so the whole and its parts share conditions, and each gets a median and a 10-90% spread.
 Prints a table and writes JSON.
@@ -96,15 +97,19 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         feats = torch.as_tensor(voxel_features(vox, grid), device=dev)
         last["x"] = (feats, torch.as_tensor(vox.coords, device=dev))
 
-    def unet_part():
+    def unet_part(net=None):
         feats, coords = last["x"]
         bi = torch.zeros(len(feats), dtype=torch.int32, device=dev)
         x = to_sparse_tensor(feats, coords, bi, grid.shape, 1, check_range=False)
-        return torch.sigmoid(fused(x).voxel_logits)
+        return torch.sigmoid((net or fused)(x).voxel_logits)
 
     def infer():
         vox_part()
         unet_part()
+
+    def infer_gemm():   # the same path with the gather + GEMM engine
+        vox_part()
+        unet_part(gemm)
 
     def infer_views():   # the same with the config's test-time views, batched as `eval` runs them
         vox_part()
@@ -117,9 +122,14 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         torch.cuda.reset_peak_memory_stats(dev)
     results = {"train_step": float(median_ms(dev.type, repeats, train_step, warmup=warmup))}
     fused = fuse_for_inference(model.eval(), half=dev.type == "cuda")   # from the trained weights and BN stats
+    gemm = fuse_for_inference(fused, engine="gather_gemm")
     model.train()
+    vox_part()
+    a, b = unet_part(), unet_part(gemm)
+    results["gather_gemm_max_abs_diff"] = float((a.float() - b.float()).abs().max())   # probabilities
     stages = {"inference": infer, "inference_voxelize": vox_part, "inference_unet": unet_part,
-              "inference_unfused": infer_unfused}
+              "inference_unfused": infer_unfused, "inference_gather_gemm": infer_gemm,
+              "inference_unet_gather_gemm": lambda: unet_part(gemm)}
     if cfg.model.test_views > 1:
         stages["inference_views"] = infer_views
     spread = interleaved_ms(dev.type, stages, latency_rounds, warmup=warmup)
@@ -132,6 +142,9 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         "inference_ms_per_frame": results["inference"],
         "inference_voxelize_ms": results["inference_voxelize"], "inference_unet_ms": results["inference_unet"],
         "inference_unfused_amp_ms_per_frame": results["inference_unfused"],
+        "inference_gather_gemm_ms_per_frame": results["inference_gather_gemm"],
+        "inference_unet_gather_gemm_ms": results["inference_unet_gather_gemm"],
+        "gather_gemm_max_abs_diff": results["gather_gemm_max_abs_diff"],
         "test_views": cfg.model.test_views, "inference_views_ms_per_frame": results.get("inference_views"),
         "inference_spread_ms": spread,
         "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else None,
@@ -180,6 +193,10 @@ def format_table(r: dict) -> str:
              + _p10_p90(r, "inference")),
             ("  voxelize / U-Net (ms)", f"{r['inference_voxelize_ms']:.1f} / {r['inference_unet_ms']:.1f}"),
             ("  unfused SpUNet, autocast (ms)", f"{r['inference_unfused_amp_ms_per_frame']:.1f}"),
+            ("  gather_gemm engine: whole / U-Net (ms)",
+             f"{r['inference_gather_gemm_ms_per_frame']:.1f} / {r['inference_unet_gather_gemm_ms']:.1f}"
+             + _p10_p90(r, "inference_gather_gemm")),
+            ("  gather_gemm vs spconv, max |dp|", f"{r['gather_gemm_max_abs_diff']:.1e}"),
             *([(f"  with {r['test_views']} test views (ms)", f"{r['inference_views_ms_per_frame']:.1f}")]
               if r.get("inference_views_ms_per_frame") is not None else []),
             ("peak GPU memory (MB)", "n/a" if r["peak_gpu_memory_mb"] is None else f"{r['peak_gpu_memory_mb']:.0f}")]

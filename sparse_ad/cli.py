@@ -31,12 +31,15 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 
-def _add_views_arg(p: argparse.ArgumentParser) -> None:
-    from sparse_ad.config import TEST_VIEW_COUNTS
+def _add_scoring_args(p: argparse.ArgumentParser) -> None:
+    from sparse_ad.config import INFERENCE_ENGINES, TEST_VIEW_COUNTS
 
     p.add_argument("--views", type=int, choices=TEST_VIEW_COUNTS,
                    help="mirrored copies averaged per voxel (test-time augmentation); default: the checkpoint's "
                         "model.test_views, the count its threshold was calibrated with")
+    p.add_argument("--engine", choices=INFERENCE_ENGINES, default="spconv",
+                   help="how the folded U-Net runs its convs: spconv's kernels, or gather_gemm (plain torch "
+                        "gather + GEMM; far fewer host calls per conv, more arithmetic: see README)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-frames", action="store_true", help="score every frame, not only held-out scenarios")
     p.add_argument("--histogram-bins", type=int, default=0,
                    help="approximate metrics with this many score bins over [0, 1] (flat memory for huge splits)")
-    _add_views_arg(p)
+    _add_scoring_args(p)
 
     p = _sub(subs, "eval-preds", "score any method's prediction files with the AnoVox protocol",
              "sparse-ad eval-preds --pred-dir preds/ --data /data/AnoVox_Town07 --out metrics.json")
@@ -104,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--bev", action="store_true", help="also write bird's-eye PNGs")
-    _add_views_arg(p)
+    _add_scoring_args(p)
 
     p = _sub(subs, "bench-voxelize", "benchmark the voxelizer (prints a table, writes JSON)",
              "sparse-ad bench-voxelize --sizes 120000,1000000 --out bench.json")
@@ -190,7 +193,7 @@ def _cmd_eval(args):
     from sparse_ad.engine.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.checkpoint, args.out, data=args.data, all_frames=args.all_frames,
-                        histogram_bins=args.histogram_bins, views=args.views)
+                        histogram_bins=args.histogram_bins, views=args.views, engine=args.engine)
     return 0
 
 
@@ -207,7 +210,7 @@ def _cmd_eval_preds(args):
 def _cmd_predict(args):
     from sparse_ad.export import predict_split
 
-    predict_split(args.checkpoint, args.data, args.out, bev=args.bev, views=args.views)
+    predict_split(args.checkpoint, args.data, args.out, bev=args.bev, views=args.views, engine=args.engine)
     return 0
 
 

@@ -78,6 +78,10 @@ class AugmentConfig:
 TEST_VIEW_COUNTS = (1, 2, 4, 8)
 """Allowed `model.test_views`: the first 1, 2, 4 or all 8 of `models.tta.VIEWS`."""
 
+INFERENCE_ENGINES = ("spconv", "gather_gemm")
+"""How a folded model runs its convs (`eval`/`predict --engine`): spconv's kernels, or plain torch
+gather + GEMM (`models/gather_gemm.py`)."""
+
 
 @dataclass
 class ModelConfig:

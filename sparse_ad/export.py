@@ -24,15 +24,15 @@ def prediction_rows(coords: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 
 def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, device: str = "auto",
-                  progress: bool = True, views: int | None = None) -> int:
+                  progress: bool = True, views: int | None = None, engine: str = "spconv") -> int:
     """Write prediction files for every frame of `data`; returns the number written.
-    `views`: see `evaluate.load_checkpoint_model`."""
+    `views`, `engine`: see `evaluate.load_checkpoint_model`."""
     from sparse_ad.data.anovox import open_split
     from sparse_ad.engine.evaluate import load_checkpoint_model, predict_frames, prediction_file
     from sparse_ad.engine.runtime import pick_device
 
     dev = pick_device(device)
-    model, cfg, _ = load_checkpoint_model(checkpoint, dev, views)
+    model, cfg, _ = load_checkpoint_model(checkpoint, dev, views, engine)
     split = open_split(data, cfg.data.sensor, need_gt=False)
     todo = [r for r in split.frames if not prediction_file(out, r).exists()]
     written = 0

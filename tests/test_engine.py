@@ -107,6 +107,11 @@ def test_predict_then_eval_preds_equals_eval(trained, tmp_path):
     other = np.load(tmp_path / "p2" / f.relative_to(preds), allow_pickle=False)
     np.testing.assert_array_equal(other[:, :3], rows[:, :3])
     assert np.abs(other[:, 3] - rows[:, 3]).max() > 1e-6
+    # the gather + GEMM engine scores the same voxels the same (fp32 on CPU)
+    assert predict_split(run / "best.pt", cfg.data.root, tmp_path / "pg", progress=False, engine="gather_gemm") == 12
+    gemm = np.load(tmp_path / "pg" / f.relative_to(preds), allow_pickle=False)
+    np.testing.assert_array_equal(gemm[:, :3], rows[:, :3])
+    np.testing.assert_allclose(gemm[:, 3], rows[:, 3], atol=1e-5)
 
 
 def test_eval_preds_protocol_on_crafted_grid(tiny_split, tmp_path):

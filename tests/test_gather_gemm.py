@@ -81,7 +81,11 @@ def test_subm_map_finds_exactly_the_neighbours():
     assert (m[4] == 5).sum().item() == 26                 # the far corner: neighbours outside the box
 
 
-def test_inference_only():
-    gemm = GatherGemmUNet(fuse_for_inference(SpUNet(6, 8, (8,)).eval()))
+def test_inference_only_and_engines_are_named():
+    model = SpUNet(6, 8, (8,)).eval()
+    gemm = fuse_for_inference(model, engine="gather_gemm")
+    assert isinstance(gemm, GatherGemmUNet)
     with pytest.raises(SparseADError, match="inference-only"):
         gemm.train()
+    with pytest.raises(SparseADError, match="spconv.*gather_gemm"):
+        fuse_for_inference(model, engine="dense")

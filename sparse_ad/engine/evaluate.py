@@ -93,9 +93,10 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
     return result
 
 
-def load_checkpoint_model(checkpoint: Path, device: torch.device, views: int | None = None):
+def load_checkpoint_model(checkpoint: Path, device: torch.device, views: int | None = None,
+                          engine: str = "spconv"):
     """(inference model, resolved Config, checkpoint dict) from a checkpoint file: BN folded into
-    the convs (`fuse_for_inference`), fp16 on CUDA, fp32 (exact to ~1e-6) on CPU.
+    the convs (`fuse_for_inference`, run by `engine`), fp16 on CUDA, fp32 (exact to ~1e-6) on CPU.
 
     `views` overrides the checkpoint's `model.test_views` (its threshold was calibrated with
     those, so a different count shifts what the stored threshold detects: warned)."""
@@ -115,7 +116,7 @@ def load_checkpoint_model(checkpoint: Path, device: torch.device, views: int | N
     check_views(cfg.model.test_views, cfg.grid.shape)
     model = build_model(cfg.model)
     model.load_state_dict(ck["model"])
-    return fuse_for_inference(model.to(device).eval(), half=device.type == "cuda"), cfg, ck
+    return fuse_for_inference(model.to(device).eval(), half=device.type == "cuda", engine=engine), cfg, ck
 
 
 def predict_frames(model, cfg: Config, refs: list[FrameRef], device: torch.device, progress: bool = True,
@@ -143,15 +144,16 @@ def predict_frames(model, cfg: Config, refs: list[FrameRef], device: torch.devic
 
 def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, all_frames: bool = False,
                         device: str = "auto", progress: bool = True, histogram_bins: int = 0,
-                        views: int | None = None) -> dict:
+                        views: int | None = None, engine: str = "spconv") -> dict:
     """Run a checkpoint on the held-out scenarios (or every frame) and score it (exact, or
-    binned with flat memory when `histogram_bins` > 0); `views`: see `load_checkpoint_model`."""
+    binned with flat memory when `histogram_bins` > 0); `views`, `engine`: see
+    `load_checkpoint_model`."""
     from sparse_ad.data.dataset import split_scenarios
     from sparse_ad.engine.runtime import pick_device
     from sparse_ad.plots import plot_curves
 
     dev = pick_device(device)
-    model, cfg, ck = load_checkpoint_model(checkpoint, dev, views)
+    model, cfg, ck = load_checkpoint_model(checkpoint, dev, views, engine)
     if data:
         cfg.data.root = str(data)
     from sparse_ad.engine.runtime import resolve_data_root

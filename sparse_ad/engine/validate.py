@@ -18,19 +18,19 @@ DECISION_THRESHOLD = 0.5
 def frame_scores(model, vb, grid, amp: bool, views: int = 1) -> torch.Tensor:
     """Anomaly probability (M,) float32 for every voxel of a VoxelBatch (on its device).
 
-    `model` is a SpUNet (autocast when `amp`) or an `InferenceUNet`, which carries its own
-    dtype (autocast does not reach spconv's convs anyway). The voxelizer's coordinates are in
+    `model` is a SpUNet (autocast when `amp`) or a folded inference model (either engine),
+    which carries its own dtype (autocast does not reach spconv's convs anyway). The voxelizer's coordinates are in
     range by construction, so the range check (a host sync) is skipped. `views` > 1 averages
     the probabilities of that many mirrored copies (`sparse_ad.models.tta`), run as one batch
     of `views` x B frames: one forward pass, so the per-call costs are paid once."""
-    from sparse_ad.models.inference import InferenceUNet
+    from sparse_ad.models.inference import is_inference_model
     from sparse_ad.models.sparse_tensor import to_sparse_tensor
     from sparse_ad.models.tta import stacked_views
 
     features, coords, batch_index, n = stacked_views(vb.features, vb.coords, vb.batch_index, vb.batch_size,
                                                      grid.shape, views)
     x = to_sparse_tensor(features, coords, batch_index, grid.shape, n, check_range=False)
-    amp = amp and not isinstance(model, InferenceUNet)
+    amp = amp and not is_inference_model(model)
     with torch.autocast(vb.features.device.type, enabled=amp, dtype=torch.float16):
         out = model(x)
     return torch.sigmoid(out.voxel_logits.float()).view(views, -1).mean(0)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+from spconv.constants import FILTER_HWIO
 from torch import nn
 
 from sparse_ad.errors import SparseADError
@@ -95,7 +96,7 @@ class GemmConv(nn.Module):
         w = conv.weight.detach()
         cin, cout = conv.in_channels, conv.out_channels
         if conv.conv1x1:
-            w2 = w.reshape(cin, cout) if not _filter_hwio() else w.reshape(cout, cin).t()
+            w2 = w.reshape(cout, cin).t() if FILTER_HWIO else w.reshape(cin, cout)   # as `inference._fold`
         elif conv.inverse:      # inverse conv: (in, 8 * out), column = tap * out + o
             w2 = w.permute(4, 1, 2, 3, 0).reshape(cin, -1)
         else:                   # (taps * in, out), row = tap * in + c
@@ -125,12 +126,6 @@ class GemmConv(nn.Module):
         y = torch.mm(f, self.weight).view(-1, self.cout)                        # (N_c * 8, out)
         out = y.index_select(0, down.slot).add_(self.bias)
         return out.relu_() if self.relu else out
-
-
-def _filter_hwio() -> bool:
-    from spconv.constants import FILTER_HWIO
-
-    return bool(FILTER_HWIO)
 
 
 class GemmBlock(nn.Module):

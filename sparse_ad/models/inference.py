@@ -30,6 +30,7 @@ from spconv.constants import FILTER_HWIO
 from spconv.pytorch.conv import SparseConvolution
 from torch import nn
 
+from sparse_ad.config import INFERENCE_ENGINES
 from sparse_ad.errors import SparseADError
 from sparse_ad.models.sparse_tensor import conv_algo
 from sparse_ad.models.spunet import ResidualBlock, SpUNet, SpUNetOutput, padded_shape, pool_per_frame
@@ -167,9 +168,22 @@ class InferenceUNet(nn.Module):
             self._device_type = device.type
 
 
-def fuse_for_inference(model: SpUNet | InferenceUNet, half: bool = False) -> InferenceUNet:
+def fuse_for_inference(model: SpUNet | InferenceUNet, half: bool = False, engine: str = "spconv") -> nn.Module:
     """A new inference-only model on `model`'s device; `model` itself is left as it is.
-    `half` (CUDA only: spconv's CPU algorithm has no fp16 path worth using) stores fp16."""
-    if isinstance(model, InferenceUNet):
-        return model
-    return InferenceUNet(model, half=half)
+    `half` (CUDA only: spconv's CPU algorithm has no fp16 path worth using) stores fp16.
+    `engine`: one of `config.INFERENCE_ENGINES` (`models/gather_gemm.py` says when which is faster)."""
+    if engine not in INFERENCE_ENGINES:
+        raise SparseADError(f"inference engine: expected one of {INFERENCE_ENGINES}, found {engine!r}")
+    fused = model if isinstance(model, InferenceUNet) else InferenceUNet(model, half=half)
+    if engine == "gather_gemm":
+        from sparse_ad.models.gather_gemm import GatherGemmUNet
+
+        return GatherGemmUNet(fused)
+    return fused
+
+
+def is_inference_model(model: nn.Module) -> bool:
+    """A folded model (either engine): it carries its own dtype, autocast is not for it."""
+    from sparse_ad.models.gather_gemm import GatherGemmUNet
+
+    return isinstance(model, (InferenceUNet, GatherGemmUNet))
