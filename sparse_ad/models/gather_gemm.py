@@ -34,6 +34,7 @@ the gathered matrix is N * 27 * C_in values; `max_gather_mb` splits it into row 
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -44,26 +45,35 @@ from sparse_ad.errors import SparseADError
 from sparse_ad.models.inference import FusedBlock, FusedConv, InferenceUNet
 from sparse_ad.models.spunet import SpUNetOutput, padded_shape, pool_per_frame
 
-_TAPS27 = torch.tensor(list(itertools.product((-1, 0, 1), repeat=3)), dtype=torch.int64)   # (27, 3), k = 9kx+3ky+kz
+_TAPS27 = list(itertools.product((-1, 0, 1), repeat=3))   # tap k = 9 kx + 3 ky + kz, offset k - 1
 
 
-def _keys(b: torch.Tensor, xyz: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Linear key of (batch, x, y, z) in a box of `shape` (int64, order = (b, x, y, z))."""
-    sx, sy, sz = shape
-    return ((b * sx + xyz[..., 0]) * sy + xyz[..., 1]) * sz + xyz[..., 2]
+@functools.lru_cache(maxsize=64)
+def _const(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A small int64 constant on `device`, made once: `torch.tensor(..., device=cuda)` is a
+    host-to-device copy from pageable memory, which waits for the stream."""
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _framed_keys(idx: torch.Tensor, shape) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Linear keys of rows [b, x, y, z] in the box framed by one empty cell on every side,
+    and the framed box's strides. In the frame, the key of a neighbour is the row's key plus
+    a constant per tap, and a neighbour outside the box is a frame cell that holds no voxel,
+    so no bounds check is needed."""
+    fy, fz = shape[1] + 2, shape[2] + 2
+    strides = ((shape[0] + 2) * fy * fz, fy * fz, fz, 1)
+    return (idx * _const(strides, idx.device)).sum(dim=1) + (strides[1] + strides[2] + 1), strides
 
 
 def subm_map(idx: torch.Tensor, shape) -> torch.Tensor:
     """(N, 27) int64: row of the neighbour at each 3x3x3 tap, N where there is none."""
     n = idx.shape[0]
-    b, xyz = idx[:, 0], idx[:, 1:]
-    sorted_keys, order = torch.sort(_keys(b, xyz, shape))
-    q = xyz[:, None, :] + _TAPS27.to(idx.device)[None]                        # (N, 27, 3)
-    inside = ((q >= 0) & (q < torch.tensor(shape, device=idx.device))).all(dim=2)
-    qk = _keys(b[:, None], q, shape)
+    keys, (_, sx, sy, sz) = _framed_keys(idx, shape)
+    sorted_keys, order = torch.sort(keys)
+    deltas = _const(tuple(dx * sx + dy * sy + dz * sz for dx, dy, dz in _TAPS27), idx.device)
+    qk = keys[:, None] + deltas                                                  # (N, 27)
     pos = torch.searchsorted(sorted_keys, qk).clamp_(max=n - 1)
-    hit = inside & (sorted_keys[pos] == qk)
-    return torch.where(hit, order[pos], torch.full_like(pos, n))
+    return torch.where(sorted_keys[pos] == qk, order[pos], n)
 
 
 class DownMap:
@@ -74,21 +84,28 @@ class DownMap:
             raise SparseADError(f"gather_gemm: level box {tuple(shape)} is not even; pad the spatial shape")
         n = idx.shape[0]
         self.shape = tuple(s // 2 for s in shape)
-        half = idx[:, 1:] // 2
-        keys, parent = torch.unique(_keys(idx[:, 0], half, self.shape), return_inverse=True)   # host sync
+        half = idx // _const((1, 2, 2, 2), idx.device)                           # [b, x//2, y//2, z//2]
+        keys, parent = torch.unique(_framed_keys(half, self.shape)[0], return_inverse=True)   # host sync
         self.n_coarse = keys.shape[0]
-        self.parent = parent                                                     # (N,) coarse row
-        odd = idx[:, 1:] & 1
-        tap = odd[:, 0] * 4 + odd[:, 1] * 2 + odd[:, 2]                          # (N,) in [0, 8)
+        tap = ((idx & 1) * _const((0, 4, 2, 1), idx.device)).sum(dim=1)          # (N,) in [0, 8)
         self.slot = parent * 8 + tap                                             # (N,) row of (N_c * 8)
         table = torch.full((self.n_coarse * 8,), n, dtype=torch.int64, device=idx.device)
         self.table = table.scatter_(0, self.slot, torch.arange(n, device=idx.device)).view(self.n_coarse, 8)
         coarse = torch.empty((self.n_coarse, 4), dtype=idx.dtype, device=idx.device)
-        self.idx = coarse.index_put_((parent,), torch.cat([idx[:, :1], half], dim=1))  # equal values per parent
+        self.idx = coarse.index_put_((parent,), half)                           # equal values per parent
+
+
+def _padded(rows: int, cols: int, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """(rows + 1, cols), the last row zero: every feature matrix here carries that zero row,
+    which a map's "no voxel" index (= rows) gathers."""
+    out = like.new_empty((rows + 1, cols), dtype=dtype)
+    out[rows].zero_()
+    return out
 
 
 class GemmConv(nn.Module):
-    """A folded conv (from `FusedConv`) as weight (taps * in, out) + bias, optional ReLU."""
+    """A folded conv (from `FusedConv`) as weight (taps * in, out) + bias, optional ReLU.
+    Inputs and outputs are padded feature matrices (`_padded`)."""
 
     def __init__(self, fused: FusedConv):
         super().__init__()
@@ -106,25 +123,27 @@ class GemmConv(nn.Module):
         self.relu = fused.relu
         self.cout = cout
 
-    def gather(self, f: torch.Tensor, table: torch.Tensor, max_rows: int) -> torch.Tensor:
-        """addmm over rows of `table` (M, taps) into the zero-padded input, in chunks."""
-        fp = torch.cat([f, f.new_zeros(1, f.shape[1])])
+    def gather(self, fp: torch.Tensor, table: torch.Tensor, max_rows: int) -> torch.Tensor:
+        """Rows of `table` (M, taps) gathered from `fp`, times the weight, in row chunks."""
         m = table.shape[0]
-        if m <= max_rows:
-            out = torch.addmm(self.bias, fp[table.reshape(-1)].view(m, -1), self.weight)
-        else:
-            out = torch.cat([torch.addmm(self.bias, fp[t.reshape(-1)].view(t.shape[0], -1), self.weight)
-                             for t in table.split(max_rows)])
+        out = _padded(m, self.cout, fp)
+        for lo in range(0, m, max_rows):
+            t = table[lo:lo + max_rows]
+            torch.addmm(self.bias, fp[t.reshape(-1)].view(t.shape[0], -1), self.weight, out=out[lo:lo + t.shape[0]])
         return out.relu_() if self.relu else out
 
-    def dense(self, f: torch.Tensor) -> torch.Tensor:
-        out = torch.addmm(self.bias, f, self.weight)
+    def dense(self, fp: torch.Tensor) -> torch.Tensor:
+        """1x1x1 conv; the zero row stays zero only without bias, so it is reset."""
+        out = torch.addmm(self.bias, fp, self.weight)
+        out[-1].zero_()
         return out.relu_() if self.relu else out
 
-    def up(self, f: torch.Tensor, down: DownMap) -> torch.Tensor:
+    def up(self, fp: torch.Tensor, down: DownMap) -> torch.Tensor:
         """Inverse conv: every coarse row against all 8 taps, each fine row picks its own."""
-        y = torch.mm(f, self.weight).view(-1, self.cout)                        # (N_c * 8, out)
-        out = y.index_select(0, down.slot).add_(self.bias)
+        n = down.slot.shape[0]
+        y = torch.mm(fp[:-1], self.weight).view(-1, self.cout)                   # (N_c * 8, out)
+        out = _padded(n, self.cout, fp)
+        torch.index_select(y, 0, down.slot, out=out[:n]).add_(self.bias)
         return out.relu_() if self.relu else out
 
 
@@ -134,10 +153,10 @@ class GemmBlock(nn.Module):
         self.conv1, self.conv2 = GemmConv(block.conv1), GemmConv(block.conv2)
         self.proj = None if block.proj is None else GemmConv(block.proj)
 
-    def forward(self, f: torch.Tensor, table: torch.Tensor, max_rows: int) -> torch.Tensor:
-        y = self.conv2.gather(self.conv1.gather(f, table, max_rows), table, max_rows)
-        skip = f if self.proj is None else self.proj.dense(f)
-        return y.add_(skip).relu_()
+    def forward(self, fp: torch.Tensor, table: torch.Tensor, max_rows: int) -> torch.Tensor:
+        y = self.conv2.gather(self.conv1.gather(fp, table, max_rows), table, max_rows)
+        skip = fp if self.proj is None else self.proj.dense(fp)
+        return y.add_(skip).relu_()   # zero rows add to zero
 
 
 class GatherGemmUNet(nn.Module):
@@ -176,7 +195,9 @@ class GatherGemmUNet(nn.Module):
         idx = x.indices.long()
         shape = tuple(padded_shape(x.spatial_shape, self.stride))
         table = subm_map(idx, shape)
-        f = self.stem.gather(feats.to(self.dtype), table, self._rows(27, feats.shape[1]))
+        f = _padded(feats.shape[0], feats.shape[1], feats, self.dtype)
+        f[:-1] = feats
+        f = self.stem.gather(f, table, self._rows(27, feats.shape[1]))
         for blk in self.enc0:
             f = blk(f, table, self._rows(27, f.shape[1]))
         skips, downs = [], []
@@ -195,6 +216,7 @@ class GatherGemmUNet(nn.Module):
             f = torch.cat([up.up(f, dm), skip], dim=1)
             for blk in dec:
                 f = blk(f, table, self._rows(27, f.shape[1]))
+        f = f[:-1]
         voxel_logits = self.head(f).squeeze(1).float()
         scene_logits = None
         if self.scene is not None:
