@@ -5,8 +5,12 @@ Why: on a GPU, one frame's U-Net is bound by the host, not the device — spconv
 themselves take ~1.6 ms (README, H100 profile). Here every kernel map is built once per
 level with a handful of torch ops, and a conv is four launches:
 
-    rows of the input (plus one zero row) gathered by the map  →  (N, taps * C_in)
-    addmm with the folded weight (taps * C_in, C_out) and bias  →  ReLU in place
+    rows of the input gathered by the map          →  (N, taps * C_in)
+    addmm with the folded weight (taps * C_in, C_out) and bias, written into the output
+    ReLU in place; the output's extra last row set to zero
+
+Every feature matrix carries one extra, zero, last row (`_padded`): a map points there for
+"no voxel", so absent neighbours contribute nothing without a mask or a copy per conv.
 
 Maps, for voxel rows `[b, x, y, z]` on a level whose box is `shape`:
 
@@ -14,7 +18,7 @@ Maps, for voxel rows `[b, x, y, z]` on a level whose box is `shape`:
   of the voxel at (x, y, z) + d, or N (the zero row) where there is none or it lies outside
   the box. Built by sorting the level's linear keys once and one `searchsorted` of all N * 27
   neighbour keys: no host sync.
-* stride-2 2x2x2 down (`down_map`): a coarse voxel per occupied 2x2x2 cell (`torch.unique`,
+* stride-2 2x2x2 down (`DownMap`): a coarse voxel per occupied 2x2x2 cell (`torch.unique`,
   the one host sync of a level), each fine row's parent and its tap k = 4 (x & 1) + 2 (y & 1)
   + (z & 1); the down conv gathers a (N_coarse, 8) table of fine rows.
 * the inverse conv back up reuses the same map: one GEMM of the coarse rows against all 8
