@@ -89,3 +89,20 @@ def test_inference_only_and_engines_are_named():
         gemm.train()
     with pytest.raises(SparseADError, match="spconv.*gather_gemm"):
         fuse_for_inference(model, engine="dense")
+
+
+def test_half_precision_engine_runs_without_spconv_kernels():
+    """fp16 weights and features (the CUDA setting) through the same torch ops on CPU: close
+    to fp32, logits back in fp32. spconv has no CPU fp16 path; this engine needs none."""
+    torch.manual_seed(3)
+    model = SpUNet(6, 8, (8, 16), blocks_per_level=2, scene_head=True).eval()
+    _randomize_bn(model, torch.Generator().manual_seed(3))
+    ref = fuse_for_inference(model, engine="gather_gemm")
+    half = fuse_for_inference(model, half=True, engine="gather_gemm")
+    assert half.dtype == torch.float16 and half.stem.weight.dtype == torch.float16
+    x = _input(4, (16, 12, 8))
+    with torch.no_grad():
+        a, b = ref(x), half(x)
+    assert b.voxel_logits.dtype == torch.float32 and b.scene_logits.dtype == torch.float32
+    assert 0 < _rel(b.voxel_logits, a.voxel_logits) < 5e-3
+    assert _rel(b.scene_logits, a.scene_logits) < 5e-3
