@@ -26,7 +26,9 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, re
 for s in $steps; do case $s in
   env) step env 60 bash -c "nvidia-smi; $PY -c 'import torch, numba, numpy, spconv; \
 from numba import cuda; print(torch.__version__, torch.version.cuda, numba.__version__, numpy.__version__, \
-spconv.__version__, cuda.is_available(), torch.cuda.get_device_name())'" ;;
+spconv.__version__, cuda.is_available(), torch.cuda.get_device_name()); \
+import importlib.metadata as md; print({p: md.version(p) for p in (\"numba-cuda\", \"cuda-bindings\", \"cuda-core\") \
+if any(d.metadata[\"Name\"] == p for d in md.distributions())})'" ;;
   cases) step cases 180 $PY -m pytest -q -p no:cacheprovider tests/cudasim_cases.py ;;
   vox) step vox 200 $PY tools/voxelize.py --device cuda --out "$OUT/voxelize.json" ;;
   model) step model 300 bash -c "$PY tools/bench_model.py --config configs/anovox_mono.yaml --device cuda \
