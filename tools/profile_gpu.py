@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Where the time of one CUDA inference frame and one voxelize_cuda call goes (dev tool).
 
-Host-side breakdown with a sync after each stage, plus torch.profiler tables. Prints a
-short summary and writes full tables under --out.
+Host-side breakdown with a sync after each stage, plus torch.profiler tables (spconv and
+gather_gemm engines; and one training step under autocast, whose conv kernels show whether
+spconv trains in fp16). Prints a short summary and writes full tables under --out.
 """
 
 from __future__ import annotations
@@ -109,13 +110,52 @@ def main() -> int:
         (a.out / f"fwd_{name}_cpu.txt").write_text(prof.key_averages().table(sort_by="cpu_time_total", row_limit=50))
         (a.out / f"fwd_{name}_cuda.txt").write_text(prof.key_averages().table(sort_by="cuda_time_total",
                                                                                 row_limit=50))
+    # --- the gather_gemm engine (fp16), and which conv kernels a training step runs -----------
+    from sparse_ad.models.inference import fuse_for_inference
+
+    model = build_model(load_config(None, []).model).to(dev)
+    vox = vcuda.voxelize_cuda(pts, grid)
+    x = to_sparse_tensor(voxel_features(vox, grid), vox.coords,
+                         torch.zeros(len(vox.keys), dtype=torch.int32, device=dev), grid.shape, 1)
+    gemm = fuse_for_inference(model.eval(), half=True, engine="gather_gemm")
+    r["default_gather_gemm_fp16"] = host_ms(lambda: gemm(x))
+    r["default_gather_gemm_fp16_host"] = host_ms(lambda: gemm(x), sync=False)
+    _profile(a.out / "fwd_gather_gemm", lambda: gemm(x))
+    model.train()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = model(x).voxel_logits.float().square().mean()
+        loss.backward()
+
+    kernels = _profile(a.out / "train_step", step)
+    conv = {k: v for k, v in kernels.items() if k.startswith("cumm::conv")}
+    total = sum(conv.values()) or 1.0
+    # tensor-core kernels are named by their operand types: f16f16f16... vs Simt_f32f32f32...
+    r["train_conv_kernel_share_f16"] = sum(v for k, v in conv.items() if "f16f16" in k) / total
     r["h2d_120k_f32x4"] = host_ms(lambda: torch.from_numpy(host).to(dev))
     h64 = np.concatenate([host.astype(np.float64), np.zeros((len(host), 2))], axis=1)
     r["h2d_120k_f64x6"] = host_ms(lambda: torch.from_numpy(h64).to(dev))
     (a.out / "profile.json").write_text(json.dumps(r, indent=2))
     for k, v in r.items():
-        print(f"{k:<40} {v:8.3f} ms")
+        print(f"{k:<40} {v:8.3f}{'' if k.startswith('train_conv') else ' ms'}")
     return 0
+
+
+def _profile(stem: Path, fn, calls: int = 5) -> dict:
+    """CUDA time (us) per kernel name over `calls` calls of fn; tables to stem_{cpu,cuda}.txt."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    avg = prof.key_averages()
+    Path(f"{stem}_cpu.txt").write_text(avg.table(sort_by="cpu_time_total", row_limit=50))
+    Path(f"{stem}_cuda.txt").write_text(avg.table(sort_by="cuda_time_total", row_limit=50))
+    return {e.key: float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0))
+            for e in avg}
 
 
 if __name__ == "__main__":
