@@ -19,8 +19,9 @@ def frame_scores(model, vb, grid, amp: bool, views: int = 1) -> torch.Tensor:
     """Anomaly probability (M,) float32 for every voxel of a VoxelBatch (on its device).
 
     `model` is a SpUNet (autocast when `amp`) or a folded inference model (either engine),
-    which carries its own dtype (autocast does not reach spconv's convs anyway). The voxelizer's coordinates are in
-    range by construction, so the range check (a host sync) is skipped. `views` > 1 averages
+    which carries its own dtype (in eval mode autocast does not reach spconv's convs anyway).
+    The voxelizer's coordinates are in range by construction, so the range check (a host
+    sync) is skipped. `views` > 1 averages
     the probabilities of that many mirrored copies (`sparse_ad.models.tta`), run as one batch
     of `views` x B frames: one forward pass, so the per-call costs are paid once."""
     from sparse_ad.models.inference import is_inference_model

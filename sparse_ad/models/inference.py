@@ -8,8 +8,9 @@ that computes what `model.eval()` computes, with fewer launches per forward:
 * on CUDA the bias and a following ReLU run inside spconv's implicit-GEMM kernel (its
   inference-only epilogue, `act_type`); on CPU (Native algorithm) spconv refuses bias and
   activation, so we add the bias and apply ReLU in place on the conv's fresh output;
-* `half=True` stores weights in fp16 and feeds fp16 features: spconv's convs are not reached by
-  `torch.autocast` (they run fp32 SIMT kernels under it), real fp16 tensors get tensor cores.
+* `half=True` stores weights in fp16 and feeds fp16 features: in eval mode spconv calls its
+  kernels outside the autograd functions that cast for `torch.autocast`, so under autocast
+  they run fp32 SIMT kernels (H100 profile); real fp16 tensors get tensor cores.
 
 Weight layout (spconv >= 2.2, `ALL_WEIGHT_IS_KRSC`, checked in spunet.py): (out, kx, ky, kz, in)
 for every conv, including the inverse conv, so output channels are dim 0. One exception: a
