@@ -82,3 +82,15 @@ def test_fold_is_not_identity_and_model_stays_trainable():
     model.train()
     model(_input(6)).voxel_logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() > 1)
+
+
+def test_validation_scores_with_what_eval_runs_on_the_device():
+    """CUDA validation scores with the folded fp16 model (eval's numerics); CPU with the model
+    itself. Building the CUDA scorer needs no GPU (it only converts weights)."""
+    from sparse_ad.engine.validate import validation_scorer
+
+    model = SpUNet(6, 8, (8,)).eval()
+    assert validation_scorer(model, torch.device("cpu")) is model
+    scorer = validation_scorer(model, torch.device("cuda"))
+    assert isinstance(scorer, InferenceUNet) and scorer.dtype == torch.float16
+    assert next(model.parameters()).dtype == torch.float32          # the trained model untouched

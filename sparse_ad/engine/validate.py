@@ -44,6 +44,7 @@ def validate(cfg, rt, model, epoch: int) -> dict:
     from sparse_ad.data.batch import collate, voxelize_batch
 
     model.eval()
+    scorer = validation_scorer(model, rt.device)
     acc = ProtocolAccumulator()
     loader = DataLoader(rt.val_set, batch_size=cfg.train.batch_size, shuffle=False,
                         num_workers=cfg.data.num_workers, collate_fn=collate)
@@ -52,7 +53,7 @@ def validate(cfg, rt, model, epoch: int) -> dict:
         if len(batch) == 0:
             continue
         vb = voxelize_batch(batch, rt.grid, rt.device)
-        scores = frame_scores(model, vb, rt.grid, rt.amp, views=cfg.model.test_views).cpu().numpy()
+        scores = frame_scores(scorer, vb, rt.grid, rt.amp, views=cfg.model.test_views).cpu().numpy()
         valid, targets = vb.valid.cpu().numpy(), vb.targets.cpu().numpy() > 0
         for b in range(vb.batch_size):
             rows = slice(vb.offsets[b], vb.offsets[b + 1])
@@ -66,6 +67,20 @@ def validate(cfg, rt, model, epoch: int) -> dict:
     metrics["at_decision_threshold"] = {k: at_decision[k] for k in ("recall", "detections", "positive_rate")}
     metrics["collapse"] = collapse_reason(metrics)
     return metrics
+
+
+def validation_scorer(model, device: torch.device):
+    """What validation scores with. On CUDA: what `eval` and `predict` run there — BN folded,
+    real fp16 (`fuse_for_inference`) — so the stored threshold is calibrated on the numerics it
+    will be applied to, at about half the latency of the unfolded model under autocast (whose
+    eval-mode convs run in fp32; README). On CPU the unfolded model itself: the folded fp32 one
+    scores within ~1e-6 of it, and keeping it lets CPU runs reproduce recorded histories bit
+    for bit."""
+    if device.type != "cuda":
+        return model
+    from sparse_ad.models.inference import fuse_for_inference
+
+    return fuse_for_inference(model, half=True)
 
 
 def collapse_reason(metrics: dict) -> str | None:
