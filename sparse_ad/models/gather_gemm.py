@@ -77,7 +77,7 @@ def subm_map(idx: torch.Tensor, shape) -> torch.Tensor:
     deltas = _const(tuple(dx * sx + dy * sy + dz * sz for dx, dy, dz in _TAPS27), idx.device)
     qk = keys[:, None] + deltas                                                  # (N, 27)
     pos = torch.searchsorted(sorted_keys, qk).clamp_(max=n - 1)
-    return torch.where(sorted_keys[pos] == qk, order[pos], n)
+    return torch.where(torch.take(sorted_keys, pos) == qk, torch.take(order, pos), n)
 
 
 class DownMap:
@@ -133,7 +133,8 @@ class GemmConv(nn.Module):
         out = _padded(m, self.cout, fp)
         for lo in range(0, m, max_rows):
             t = table[lo:lo + max_rows]
-            torch.addmm(self.bias, fp[t.reshape(-1)].view(t.shape[0], -1), self.weight, out=out[lo:lo + t.shape[0]])
+            cols = torch.index_select(fp, 0, t.reshape(-1)).view(t.shape[0], -1)   # cheaper to issue than fp[t]
+            torch.addmm(self.bias, cols, self.weight, out=out[lo:lo + t.shape[0]])
         return out.relu_() if self.relu else out
 
     def dense(self, fp: torch.Tensor) -> torch.Tensor:
