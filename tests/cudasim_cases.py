@@ -34,7 +34,7 @@ FIELDS = ("keys", "coords", "point2voxel", "counts", "features", "offsets", "lab
 
 def run_device(points, grid, tags=None, backend=None):
     backend = backend or vcuda.NumpyBackend(threads=32)
-    return vcuda._voxelize_device(points[:, :3], points[:, 3:], tags, grid, backend)
+    return vcuda._voxelize_device(points, tags, grid, backend)
 
 
 def assert_same(dev, ref) -> None:
@@ -52,8 +52,11 @@ def assert_same(dev, ref) -> None:
 def assert_scratch_clean(backend) -> None:
     """After a call the slot buffers are back in their initial state (no memset next time)."""
     sc = backend.scratch
-    for name, value in vcuda._Scratch.INIT.items():
-        assert (np.asarray(sc.array(name)) == value).all(), name
+    for name, values in vcuda._Scratch.INIT.items():
+        arr = np.asarray(sc.array(name))
+        for row, value in enumerate(values):
+            if value is not None:
+                assert ((arr if len(values) == 1 else arr[row]) == value).all(), (name, row)
     assert not sc.dirty
 
 
@@ -141,8 +144,8 @@ def test_recovers_from_a_call_that_stopped_half_way():
     points, tags = messy_cloud(rng, 64, SMALL)
     backend = vcuda.NumpyBackend()
     run_device(points, SMALL, tags, backend)
-    backend.scratch.array("table")[:8] = 12345                # garbage a dead call left
-    backend.scratch.array("count")[:8] = 7
+    backend.scratch.array("slot64")[vcuda.TABLE, :8] = 12345   # garbage a dead call left
+    backend.scratch.array("slot32")[vcuda.COUNT, :8] = 7
     backend.scratch.dirty = True
     assert_same(run_device(points, SMALL, tags, backend), voxelize_cpu(points, SMALL, tags))
 
@@ -150,9 +153,10 @@ def test_recovers_from_a_call_that_stopped_half_way():
 def test_strided_input_columns():
     rng = np.random.default_rng(5)
     wide, tags = messy_cloud(rng, 64, SMALL, c=3, dtype=np.float64)
-    points = wide[:, [0, 1, 2, 4]]                          # a copy in another column order
-    dev = vcuda._voxelize_device(wide[:, :3], wide[:, 4:5], tags, SMALL, vcuda.NumpyBackend())
-    assert_same(dev, voxelize_cpu(points, SMALL, tags))
+    strided = wide[::2, :5]                                 # a view: every other row, 5 of 6 columns
+    assert strided.base is not None and not strided.flags.c_contiguous
+    dev = vcuda._voxelize_device(strided, tags[::2], SMALL, vcuda.NumpyBackend())
+    assert_same(dev, voxelize_cpu(np.ascontiguousarray(strided), SMALL, tags[::2]))
 
 
 class TorchOnHostBackend(vcuda.TorchBackend):
@@ -179,7 +183,7 @@ def test_torch_backend_logic_on_host_tensors():
         points, tags = messy_cloud(rng, max(n, 8), SMALL, c=2)
         points, tags = points[:n], tags[:n]
         t = torch.from_numpy(points)
-        dev = vcuda._voxelize_device(t[:, :3], t[:, 3:], torch.from_numpy(tags), grid, backend)
+        dev = vcuda._voxelize_device(t, torch.from_numpy(tags), grid, backend)
         assert all(isinstance(getattr(dev, f), torch.Tensor) for f in FIELDS)
         host = type(dev)(**{k: v.numpy() for k, v in vars(dev).items()})
         assert_same(host, voxelize_cpu(points, grid, tags))

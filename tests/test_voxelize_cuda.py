@@ -86,7 +86,7 @@ def test_kernels_compile_for_sm90_without_fused_multiply_add(monkeypatch, dtype,
     _nvvm_or_skip(monkeypatch)
     backend = _RecordingBackend()
     points = np.zeros((10, 4), dtype)
-    vcuda._voxelize_device(points[:, :3], points[:, 3:], np.zeros(10, np.int32), grid, backend)
+    vcuda._voxelize_device(points, np.zeros(10, np.int32), grid, backend)
     assert [f.__name__ for f, _ in backend.launches] == ["_k_insert", "_k_ties", "_k_finalize"]
     for func, sig in backend.launches:
         ptx, _ = cuda.compile_ptx(func, sig, cc=(9, 0))

@@ -28,6 +28,15 @@ accumulated in another order than on the CPU; after the division and the cast to
 this gives the same float32 except when the float64 mean falls within ~1e-16 (relative)
 of a float32 rounding boundary.
 
+Few arrays per launch: numba spends ~11 us of host time per array argument of a launch and
+~19 us per torch tensor it wraps (H100 machine, session 2), which made the call host-bound
+(~1.8 ms at any N). So the work buffers are packed by dtype into a handful of arrays (rows
+of `slot64`, `slot32`, `pt32`), the kernels read xyz and features from the one points array,
+K3 takes the key of a row from the hash table instead of a sorted copy, and the outputs of a
+call are three flat arrays (int64, int32, float32) whose contiguous slices become the result:
+20 array arguments over the three launches and 5-6 wrapped tensors per call, instead of 37
+and 14.
+
 torch tensors reach numba as zero-copy views (`cuda.as_cuda_array(t, sync=False)`); the
 `sync=False` skips the stream synchronisation numba otherwise does on every import (the
 same effect as NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0, which callers that hand torch tensors to
@@ -119,14 +128,20 @@ def _hash_slot(key, shift):
 
 
 # --- kernels --------------------------------------------------------------------------------
+# Rows of the packed work buffers (one place for the layout; see `_work_buffers`).
+TABLE, MINR2, BEST = 0, 1, 2          # slot64 (3, cap) int64: key, min |r|^2 bits, best (index, tag)
+COUNT, U_OF_SLOT = 0, 1               # slot32 (2, cap) int32: points, row in the unique-key list
+SLOT_OF, USLOT = 0, 1                 # pt32 (2, n) int32: slot of point i, slot of unique key u
+
+
 @cuda.jit(cache=not SIMULATOR)
-def _k_insert(xyz, feats, nfeat, has_tags, ox, oy, oz, res, ex, ey, ez, nx, ny, nz,
-              shift, mask, table, slot_of, ukeys, uslot, u_of_slot, counters,
-              count, acc, minr2):
+def _k_insert(pts, nfeat, has_tags, ox, oy, oz, res, ex, ey, ez, nx, ny, nz, shift, mask,
+              slot64, slot32, pt32, ukeys, counters, acc):
     """K1, one thread per point. Block-shared counters turn the global appends and the
     drop counts into one atomic per block (a single hot counter would serialise them)."""
     blk = cuda.shared.array(3, np.int32)       # new keys, non-finite, outside (this block)
     base = cuda.shared.array(1, np.int64)      # this block's first position in ukeys
+    table = slot64[TABLE]
     t = cuda.threadIdx.x
     if t == 0:
         blk[0] = 0
@@ -137,10 +152,10 @@ def _k_insert(xyz, feats, nfeat, has_tags, ox, oy, oz, res, ex, ey, ez, nx, ny, 
     k = OUTSIDE
     s = np.int64(-1)
     local = np.int32(-1)                       # position among this block's new keys
-    if i < xyz.shape[0]:
-        qx = np.float64(xyz[i, 0]) + ox
-        qy = np.float64(xyz[i, 1]) + oy
-        qz = np.float64(xyz[i, 2]) + oz
+    if i < pts.shape[0]:
+        qx = np.float64(pts[i, 0]) + ox
+        qy = np.float64(pts[i, 1]) + oy
+        qz = np.float64(pts[i, 2]) + oz
         k = _grid_key(qx, qy, qz, res, ex, ey, ez, nx, ny, nz)
         if k == NONFINITE:
             cuda.atomic.add(blk, 1, 1)
@@ -156,8 +171,8 @@ def _k_insert(xyz, feats, nfeat, has_tags, ox, oy, oz, res, ex, ey, ez, nx, ny, 
                 if old == k:
                     break
                 s = (s + 1) & mask
-            _accumulate(i, s, qx, qy, qz, res, feats, nfeat, has_tags, count, acc, minr2)
-        slot_of[i] = s
+            _accumulate(i, s, qx, qy, qz, res, pts, nfeat, has_tags, slot32[COUNT], acc, slot64[MINR2])
+        pt32[SLOT_OF, i] = s
     cuda.syncthreads()
     if t == 0:
         base[0] = cuda.atomic.add(counters, 0, np.int64(blk[0]))
@@ -169,12 +184,12 @@ def _k_insert(xyz, feats, nfeat, has_tags, ox, oy, oz, res, ex, ey, ez, nx, ny, 
     if local >= 0:
         u = base[0] + local
         ukeys[u] = k
-        uslot[u] = s
-        u_of_slot[s] = u
+        pt32[USLOT, u] = s
+        slot32[U_OF_SLOT, s] = u
 
 
 @cuda.jit(device=True)
-def _accumulate(i, s, qx, qy, qz, res, feats, nfeat, has_tags, count, acc, minr2):
+def _accumulate(i, s, qx, qy, qz, res, pts, nfeat, has_tags, count, acc, minr2):
     """Add point i to slot s: count, offset from the voxel centre, features, min |r|^2."""
     cuda.atomic.add(count, s, 1)
     half = _mul(0.5, res)                  # exact; _mul only so nothing can fuse with it
@@ -185,85 +200,81 @@ def _accumulate(i, s, qx, qy, qz, res, feats, nfeat, has_tags, count, acc, minr2
     cuda.atomic.add(acc, (s, 1), ry - half)
     cuda.atomic.add(acc, (s, 2), rz - half)
     for j in range(nfeat):
-        cuda.atomic.add(acc, (s, 3 + j), np.float64(feats[i, j]))
+        cuda.atomic.add(acc, (s, 3 + j), np.float64(pts[i, 3 + j]))
     if has_tags:
         cuda.atomic.min(minr2, s, _r2_bits(rx, ry, rz))
 
 
 @cuda.jit(cache=not SIMULATOR)
-def _k_ties(xyz, tags, ox, oy, oz, res, road_line, road_pack, slot_of, minr2, best):
+def _k_ties(pts, tags, ox, oy, oz, res, road_line, road_pack, pt32, slot64):
     """K2, one thread per point: the AnoVox rule's second pass (see the module doc)."""
     i = cuda.grid(1)
-    if i >= xyz.shape[0]:
+    if i >= pts.shape[0]:
         return
-    s = slot_of[i]
+    s = pt32[SLOT_OF, i]
     if s < 0:
         return
+    best = slot64[BEST]
     tag = tags[i]
     if tag == road_line:
         cuda.atomic.min(best, s, road_pack)
         return
-    qx = np.float64(xyz[i, 0]) + ox
-    qy = np.float64(xyz[i, 1]) + oy
-    qz = np.float64(xyz[i, 2]) + oz
+    qx = np.float64(pts[i, 0]) + ox
+    qy = np.float64(pts[i, 1]) + oy
+    qz = np.float64(pts[i, 2]) + oz
     bits = _r2_bits(_remainder(qx, res), _remainder(qy, res), _remainder(qz, res))
-    if bits == minr2[s]:
+    if bits == slot64[MINR2, s]:
         cuda.atomic.min(best, s, (np.int64(i) << 32) | (np.int64(tag) & 0xFFFFFFFF))
 
 
 @cuda.jit(cache=not SIMULATOR)
-def _k_finalize(m, nfeat, has_tags, nx, ny, sorted_keys, perm, inv, uslot, u_of_slot, slot_of,
-                table, count, acc, minr2, best, counters, keys_out, coords_out, counts_out,
-                offsets_out, features_out, labels_out, point2voxel, stats):
+def _k_finalize(m, n, nfeat, has_tags, nx, ny, order, pt32, slot64, slot32, acc, counters, out64, out32, outf):
     """K3 over max(N, M) threads: thread r < M writes voxel row r and frees its slot;
-    thread i < N writes point i's row. Thread 0 moves the drop counters to `stats` and
-    zeroes them for the next call."""
+    thread i < N writes point i's row. Thread 0 moves the drop counters to the stats and
+    zeroes them for the next call. `order` = (perm, inv) of the sorted unique keys; the
+    flat outputs are laid out as in `_Outputs`."""
     i = cuda.grid(1)
     if i == 0:
-        stats[0] = counters[1]
-        stats[1] = counters[2]
+        out64[m + n] = counters[1]
+        out64[m + n + 1] = counters[2]
         counters[0] = 0
         counters[1] = 0
         counters[2] = 0
     if i < m:
-        _finalize_row(i, nfeat, has_tags, nx, ny, sorted_keys, perm, uslot, table, count, acc,
-                      minr2, best, keys_out, coords_out, counts_out, offsets_out, features_out,
-                      labels_out)
-    if i < point2voxel.shape[0]:
-        s = slot_of[i]
-        point2voxel[i] = -1 if s < 0 else inv[u_of_slot[s]]
+        _finalize_row(i, m, nfeat, has_tags, nx, ny, order, pt32, slot64, slot32, acc, out64, out32, outf)
+    if i < n:
+        s = pt32[SLOT_OF, i]
+        out64[m + i] = -1 if s < 0 else order[1, slot32[U_OF_SLOT, s]]
 
 
 @cuda.jit(device=True)
-def _finalize_row(r, nfeat, has_tags, nx, ny, sorted_keys, perm, uslot, table, count, acc,
-                  minr2, best, keys_out, coords_out, counts_out, offsets_out, features_out,
-                  labels_out):
-    """Row r of every per-voxel output from the slot of the r-th smallest key, then the
-    slot back to its initial state."""
-    s = uslot[perm[r]]
-    k = np.int64(sorted_keys[r])
-    keys_out[r] = k
-    coords_out[r, 0] = k % nx
-    coords_out[r, 1] = (k // nx) % ny
-    coords_out[r, 2] = k // (nx * ny)
-    c = count[s]
-    counts_out[r] = c
+def _finalize_row(r, m, nfeat, has_tags, nx, ny, order, pt32, slot64, slot32, acc, out64, out32, outf):
+    """Row r of every per-voxel output from the slot of the r-th smallest key (whose key the
+    table holds), then the slot back to its initial state."""
+    s = pt32[USLOT, order[0, r]]
+    k = slot64[TABLE, s]
+    out64[r] = k
+    out32[3 * r] = k % nx
+    out32[3 * r + 1] = (k // nx) % ny
+    out32[3 * r + 2] = k // (nx * ny)
+    c = slot32[COUNT, s]
+    out32[3 * m + r] = c
     inv = 1.0 / np.float64(c)
     for j in range(3):
-        offsets_out[r, j] = _mul(acc[s, j], inv)
+        outf[3 * r + j] = _mul(acc[s, j], inv)
         acc[s, j] = 0.0
     for j in range(nfeat):
-        features_out[r, j] = _mul(acc[s, 3 + j], inv)
+        outf[3 * m + r * nfeat + j] = _mul(acc[s, 3 + j], inv)
         acc[s, 3 + j] = 0.0
     if has_tags:
-        low = best[s] & 0xFFFFFFFF          # the tag, stored as its low 32 bits
+        low = slot64[BEST, s] & 0xFFFFFFFF   # the tag, stored as its low 32 bits
         if low >= 0x80000000:
             low -= 0x100000000
-        labels_out[r] = low
-        best[s] = I64_MAX
-        minr2[s] = I64_MAX
-    count[s] = 0
-    table[s] = EMPTY
+        out32[4 * m + r] = low
+        slot64[BEST, s] = I64_MAX
+        slot64[MINR2, s] = I64_MAX
+    slot32[COUNT, s] = 0
+    slot64[TABLE, s] = EMPTY
 
 
 # --- backends: where arrays live ------------------------------------------------------------
@@ -304,12 +315,10 @@ class NumpyBackend(_Backend):
     def read_count(self, counters) -> int:
         return int(counters[0])
 
-    def sort(self, keys):
-        """(sorted keys, permutation, inverse permutation)."""
-        perm = np.argsort(keys, kind="stable")
-        inv = np.empty_like(perm)
-        inv[perm] = np.arange(perm.shape[0])
-        return keys[perm], perm, inv
+    def order(self, keys, out) -> None:
+        """out[0] = the permutation that sorts `keys`, out[1] = its inverse."""
+        out[0] = np.argsort(keys, kind="stable")
+        out[1][out[0]] = np.arange(keys.shape[0])
 
 
 class TorchBackend(_Backend):
@@ -342,56 +351,65 @@ class TorchBackend(_Backend):
     def read_count(self, counters) -> int:
         return int(counters[0].item())      # the one host sync of a call
 
-    def sort(self, keys):
-        sorted_keys, perm = self.torch.sort(keys)
-        rows = self.torch.arange(perm.shape[0], device=self.device)
-        return sorted_keys, perm, self.torch.empty_like(perm).scatter_(0, perm, rows)
+    def order(self, keys, out) -> None:
+        self.torch.sort(keys, out=(self.torch.empty_like(keys), out[0]))
+        out[1].scatter_(0, out[0], self.torch.arange(keys.shape[0], device=self.device))
 
 
 class _Scratch:
     """Grow-only work buffers of one backend, reused across calls.
 
-    The slot-indexed buffers (table, count, acc, minr2, best) and the counters are left in
+    The slot-indexed buffers (slot64, slot32's count row, acc) and the counters are left in
     their initial state by every call: `_k_finalize` resets exactly the slots it used, so a
     call needs no memset over the whole table (which would cost as much as the insertion
     itself). `dirty` marks a call that stopped between K1 and K3; the next call then
     re-initialises them.
     """
 
-    INIT = {"table": EMPTY, "count": 0, "acc": 0.0, "minr2": I64_MAX, "best": I64_MAX,
-            "counters": 0}
+    # initial value of each row (a 1-D buffer: one value); rows without one need none
+    INIT = {"slot64": (EMPTY, I64_MAX, I64_MAX), "slot32": (0, None), "acc": (0.0,), "counters": (0,)}
 
     def __init__(self, backend):
         self.backend = backend
         self.arrays = {}            # name -> (backend array, kernel view, numpy dtype)
         self.dirty = False
 
-    def get(self, name, rows, dtype, width=0):
-        """Kernel view of buffer `name` with at least `rows` rows (and `width` columns).
-        The hit path is a few comparisons: it runs a dozen times per call."""
+    def get(self, name, length, dtype, rows=0, cols=0):
+        """Kernel view of buffer `name`: (rows, >= length) if rows, else (>= length, >= cols)
+        if cols, else (>= length,). The hit path is a few comparisons."""
         dtype = np.dtype(dtype)
+        axis = 1 if rows else 0
         have = self.arrays.get(name)
         if have is not None:
             arr, view, have_dtype = have
-            if arr.shape[0] >= rows and have_dtype == dtype and (width == 0 or arr.shape[1] >= width):
+            if arr.shape[axis] >= length and have_dtype == dtype and (cols == 0 or arr.shape[1] >= cols):
                 return view
-            rows = max(rows, arr.shape[0])
-        rows = max(1024, 1 << (int(rows) - 1).bit_length())
-        shape = (rows, width) if width else (rows,)
-        if name in self.INIT:
-            arr = self.backend.full(shape, self.INIT[name], dtype)
-        else:
-            arr = self.backend.empty(shape, dtype)
+            length = max(length, arr.shape[axis])
+        length = max(1024, 1 << (int(length) - 1).bit_length())
+        shape = (rows, length) if rows else (length, cols) if cols else (length,)
+        arr = self.backend.empty(shape, dtype)
         self.arrays[name] = (arr, self.backend.view(arr), dtype)
+        self._init(name)
         return self.arrays[name][1]
 
     def array(self, name):
         return self.arrays[name][0]
 
+    def _init(self, name) -> None:
+        arr, values = self.arrays[name][0], self.INIT.get(name)
+        if values is None:
+            return
+        if len(values) == 1:
+            self.backend.fill(arr, values[0])
+            return
+        for row, value in enumerate(values):
+            if value is not None:
+                self.backend.fill(arr[row], value)
+
     def reset(self):
-        for name, value in self.INIT.items():
+        for name in self.INIT:
             if name in self.arrays:
-                self.backend.fill(self.arrays[name][0], value)
+                self._init(name)
         self.dirty = False
 
 
@@ -400,13 +418,14 @@ def _shape(shape) -> tuple:
 
 
 # --- the algorithm ---------------------------------------------------------------------------
-def _voxelize_device(xyz, feats, tags, grid: VoxelGrid, backend) -> Voxels:
+def _voxelize_device(points, tags, grid: VoxelGrid, backend) -> Voxels:
     """Voxelize with the CUDA kernels; arrays are the backend's (numpy or torch CUDA).
 
-    xyz (N, 3) float, feats (N, C) float, tags (N,) int32 or None. Returns `Voxels` whose
-    arrays are the backend's; n_nonfinite / n_outside are 0-d arrays (no host read).
+    points (N, 3+C) float (xyz, then C feature columns; any strides), tags (N,) int32 or
+    None. Returns `Voxels` whose arrays are the backend's; n_nonfinite / n_outside are 0-d
+    arrays (no host read).
     """
-    n, c = int(xyz.shape[0]), int(feats.shape[1])
+    n, c = int(points.shape[0]), int(points.shape[1]) - 3
     has_tags = tags is not None
     if n > MAX_POINTS:
         raise SparseADError(f"voxelize_cuda takes at most {MAX_POINTS} points per call, got {n}; "
@@ -420,28 +439,27 @@ def _voxelize_device(xyz, feats, tags, grid: VoxelGrid, backend) -> Voxels:
         sc.reset()
     cap = table_capacity(n)
     w = _work_buffers(sc, n, cap, c, grid)
-    kx = backend.view(xyz)
+    kp = backend.view(points)
     (ox, oy, oz), (ex, ey, ez), (nx, ny, nz) = grid.offset, grid.extent, grid.shape
     res = grid.resolution
     sc.dirty = True
     backend.launch(_k_insert, n)(
-        kx, backend.view(feats) if c else w["dummy_f"], c, has_tags, ox, oy, oz, res, ex, ey, ez,
-        nx, ny, nz, 32 - (cap.bit_length() - 1), cap - 1, w["table"], w["slot_of"], w["ukeys"],
-        w["uslot"], w["u_of_slot"], w["counters"], w["count"], w["acc"], w["minr2"])
+        kp, c, has_tags, ox, oy, oz, res, ex, ey, ez, nx, ny, nz, 32 - (cap.bit_length() - 1), cap - 1,
+        w["slot64"], w["slot32"], w["pt32"], w["ukeys"], w["counters"], w["acc"])
     if has_tags:
-        backend.launch(_k_ties, n)(
-            kx, backend.view(tags), ox, oy, oz, res, ROAD_LINE, _road_pack(), w["slot_of"],
-            w["minr2"], w["best"])
+        backend.launch(_k_ties, n)(kp, backend.view(tags), ox, oy, oz, res, ROAD_LINE, _road_pack(), w["pt32"],
+                                   w["slot64"])
     m = backend.read_count(sc.array("counters"))          # the host sync: M sizes the outputs
     if m > 0:
-        sorted_keys, perm, inv = backend.sort(sc.array(_ukeys_name(grid))[:m])
-        order = [backend.view(a) for a in (sorted_keys, perm, inv)]
+        order = backend.empty((2, m), np.int64)
+        backend.order(sc.array(_ukeys_name(grid))[:m], order)
+        order = backend.view(order)
     else:
-        order = [sc.get("dummy_i64", 1, np.int64)] * 3
+        order = sc.get("dummy_order", 1, np.int64, rows=2)
     out.allocate(m)
     backend.launch(_k_finalize, max(n, m))(
-        m, c, has_tags, nx, ny, *order, w["uslot"], w["u_of_slot"], w["slot_of"], w["table"],
-        w["count"], w["acc"], w["minr2"], w["best"], w["counters"], *out.views())
+        m, n, c, has_tags, nx, ny, order, w["pt32"], w["slot64"], w["slot32"], w["acc"], w["counters"],
+        *out.views())
     sc.dirty = False
     return out.result(m)
 
@@ -452,53 +470,51 @@ def _ukeys_name(grid: VoxelGrid) -> str:
 
 
 def _work_buffers(sc: _Scratch, n: int, cap: int, c: int, grid: VoxelGrid) -> dict:
-    """Kernel views of the scratch buffers for N points and a table of `cap` slots."""
+    """Kernel views of the scratch buffers for N points and a table of `cap` slots; rows as
+    named by TABLE, MINR2, BEST (slot64), COUNT, U_OF_SLOT (slot32), SLOT_OF, USLOT (pt32)."""
     name = _ukeys_name(grid)
     return {
-        "table": sc.get("table", cap, np.int64),
-        "count": sc.get("count", cap, np.int32),
-        "acc": sc.get("acc", cap, np.float64, width=3 + c),
-        "minr2": sc.get("minr2", cap, np.int64),
-        "best": sc.get("best", cap, np.int64),
-        "u_of_slot": sc.get("u_of_slot", cap, np.int32),
-        "slot_of": sc.get("slot_of", n, np.int32),
-        "uslot": sc.get("uslot", n, np.int32),
+        "slot64": sc.get("slot64", cap, np.int64, rows=3),
+        "slot32": sc.get("slot32", cap, np.int32, rows=2),
+        "acc": sc.get("acc", cap, np.float64, cols=3 + c),
+        "pt32": sc.get("pt32", n, np.int32, rows=2),
         "ukeys": sc.get(name, n, np.int32 if name == "ukeys32" else np.int64),
         "counters": sc.get("counters", 3, np.int64),
-        "dummy_f": sc.get("dummy_f", 1, np.float32, width=1),
     }
 
 
 class _Outputs:
-    """The result arrays of one call. They get max(M, 1) rows and are sliced to M at the
-    end, so no kernel ever sees an empty array."""
+    """The result arrays of one call, as contiguous slices of three flat arrays (one wrapped
+    view and one kernel argument per dtype, see the module doc):
+
+        out64  keys [0, M) | point2voxel [M, M+N) | n_nonfinite, n_outside [M+N, M+N+2)
+        out32  coords [0, 3M) | counts [3M, 4M) | labels [4M, 5M)
+        outf   offsets [0, 3M) | features [3M, 3M + C*M)
+
+    They are sized for max(M, 1) voxels, so no kernel ever sees an empty array."""
 
     def __init__(self, backend, n: int, c: int, has_tags: bool):
         self.backend, self.n, self.c, self.has_tags = backend, n, c, has_tags
-        self.point2voxel = backend.empty(max(n, 1), np.int64)     # (N,)
-        # (2,) non-finite, outside: K3 writes it; with no points nothing runs, so zeros
-        self.stats = backend.empty(2, np.int64) if n else backend.full(2, 0, np.int64)
 
     def allocate(self, m: int) -> None:
         b, rows = self.backend, max(m, 1)
-        self.keys = b.empty(rows, np.int64)                          # (M,)
-        self.coords = b.empty((rows, 3), np.int32)                   # (M, 3)
-        self.counts = b.empty(rows, np.int32)                        # (M,)
-        self.offsets = b.empty((rows, 3), np.float32)                # (M, 3)
-        self.features = b.empty((rows, max(self.c, 1)), np.float32)  # (M, C)
-        self.labels = b.empty(rows if self.has_tags else 1, np.int32)  # (M,)
+        self.m = m
+        # with no points nothing runs, so the drop counters must start at zero
+        self.out64 = b.empty(m + self.n + 2, np.int64) if self.n else b.full(2, 0, np.int64)
+        self.out32 = b.empty(rows * (5 if self.has_tags else 4), np.int32)
+        self.outf = b.empty(rows * (3 + self.c), np.float32)
 
     def views(self) -> list:
         """Kernel views in `_k_finalize`'s argument order."""
-        return [self.backend.view(a) for a in (self.keys, self.coords, self.counts, self.offsets,
-                                               self.features, self.labels, self.point2voxel,
-                                               self.stats)]
+        return [self.backend.view(a) for a in (self.out64, self.out32, self.outf)]
 
     def result(self, m: int) -> Voxels:
-        return Voxels(coords=self.coords[:m], keys=self.keys[:m], point2voxel=self.point2voxel[:self.n],
-                      features=self.features[:m, :self.c], counts=self.counts[:m],
-                      offsets=self.offsets[:m], labels=self.labels[:m] if self.has_tags else None,
-                      n_nonfinite=self.stats[0], n_outside=self.stats[1])
+        n, c = self.n, self.c
+        o64, o32, of = self.out64, self.out32, self.outf
+        return Voxels(coords=o32[:3 * m].reshape(m, 3), keys=o64[:m], point2voxel=o64[m:m + n],
+                      features=of[3 * m:3 * m + c * m].reshape(m, c), counts=o32[3 * m:4 * m],
+                      offsets=of[:3 * m].reshape(m, 3), labels=o32[4 * m:5 * m] if self.has_tags else None,
+                      n_nonfinite=o64[m + n], n_outside=o64[m + n + 1])
 
 
 def _road_pack() -> int:
@@ -558,7 +574,7 @@ def voxelize_cuda(points, grid: VoxelGrid | None = None, labels=None) -> Voxels:
         tags = labels.detach().to(torch.int32).contiguous()
     with cuda.gpus[points.device.index]:
         backend = _torch_backend(points.device)
-        return _voxelize_device(points[:, :3], points[:, 3:], tags, grid, backend)
+        return _voxelize_device(points, tags, grid, backend)
 
 
 def _describe(x) -> str:
