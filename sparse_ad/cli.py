@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -249,6 +250,9 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # spconv's SparseConvTensor is an fx-proxyable class: torch >= 2.10 logs an is_fx_tracing
+    # deprecation at its first construction, mid progress bar, addressed to spconv, not to users
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
