@@ -33,14 +33,15 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None
 
 
 def _add_scoring_args(p: argparse.ArgumentParser) -> None:
-    from sparse_ad.config import INFERENCE_ENGINES, TEST_VIEW_COUNTS
+    from sparse_ad.config import DEFAULT_ENGINE, INFERENCE_ENGINES, TEST_VIEW_COUNTS
 
     p.add_argument("--views", type=int, choices=TEST_VIEW_COUNTS,
                    help="mirrored copies averaged per voxel (test-time augmentation); default: the checkpoint's "
                         "model.test_views, the count its threshold was calibrated with")
-    p.add_argument("--engine", choices=INFERENCE_ENGINES, default="spconv",
+    p.add_argument("--engine", choices=INFERENCE_ENGINES,
                    help="how the folded U-Net runs its convs: spconv's kernels, or gather_gemm (plain torch "
-                        "gather + GEMM; far fewer host calls per conv, more arithmetic: see README)")
+                        f"gather + GEMM; far fewer host calls per conv, more arithmetic: see README); default: "
+                        f"{', '.join(f'{v} on {k}' for k, v in DEFAULT_ENGINE.items())}")
 
 
 def build_parser() -> argparse.ArgumentParser:

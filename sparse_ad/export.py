@@ -24,7 +24,7 @@ def prediction_rows(coords: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 
 def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, device: str = "auto",
-                  progress: bool = True, views: int | None = None, engine: str = "spconv") -> int:
+                  progress: bool = True, views: int | None = None, engine: str | None = None) -> int:
     """Write prediction files for every frame of `data`; returns the number written.
     `views`, `engine`: see `evaluate.load_checkpoint_model`."""
     from sparse_ad.data.anovox import open_split

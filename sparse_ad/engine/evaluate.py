@@ -94,9 +94,10 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
 
 
 def load_checkpoint_model(checkpoint: Path, device: torch.device, views: int | None = None,
-                          engine: str = "spconv"):
+                          engine: str | None = None):
     """(inference model, resolved Config, checkpoint dict) from a checkpoint file: BN folded into
-    the convs (`fuse_for_inference`, run by `engine`), fp16 on CUDA, fp32 (exact to ~1e-6) on CPU.
+    the convs (`fuse_for_inference`, run by `engine`, default: the device's `config.DEFAULT_ENGINE`),
+    fp16 on CUDA, fp32 (exact to ~1e-6) on CPU.
 
     `views` overrides the checkpoint's `model.test_views` (its threshold was calibrated with
     those, so a different count shifts what the stored threshold detects: warned)."""
@@ -144,7 +145,7 @@ def predict_frames(model, cfg: Config, refs: list[FrameRef], device: torch.devic
 
 def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, all_frames: bool = False,
                         device: str = "auto", progress: bool = True, histogram_bins: int = 0,
-                        views: int | None = None, engine: str = "spconv") -> dict:
+                        views: int | None = None, engine: str | None = None) -> dict:
     """Run a checkpoint on the held-out scenarios (or every frame) and score it (exact, or
     binned with flat memory when `histogram_bins` > 0); `views`, `engine`: see
     `load_checkpoint_model`."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from sparse_ad.config import DEFAULT_ENGINE
 from sparse_ad.engine.protocol import ProtocolAccumulator
 
 DECISION_THRESHOLD = 0.5
@@ -71,16 +72,16 @@ def validate(cfg, rt, model, epoch: int) -> dict:
 
 def validation_scorer(model, device: torch.device):
     """What validation scores with. On CUDA: what `eval` and `predict` run there — BN folded,
-    real fp16 (`fuse_for_inference`) — so the stored threshold is calibrated on the numerics it
-    will be applied to, at about half the latency of the unfolded model under autocast (whose
-    eval-mode convs run in fp32; README). On CPU the unfolded model itself: the folded fp32 one
-    scores within ~1e-6 of it, and keeping it lets CPU runs reproduce recorded histories bit
-    for bit."""
+    real fp16, the CUDA `DEFAULT_ENGINE` (`fuse_for_inference`) — so the stored threshold is
+    calibrated on the numerics it will be applied to, at about half the latency of the
+    unfolded model under autocast (whose eval-mode convs run in fp32; README). On CPU the
+    unfolded model itself: the folded fp32 one scores within ~1e-6 of it, and keeping it lets
+    CPU runs reproduce recorded histories bit for bit."""
     if device.type != "cuda":
         return model
     from sparse_ad.models.inference import fuse_for_inference
 
-    return fuse_for_inference(model, half=True)
+    return fuse_for_inference(model, half=True, engine=DEFAULT_ENGINE["cuda"])
 
 
 def collapse_reason(metrics: dict) -> str | None:

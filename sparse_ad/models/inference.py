@@ -31,7 +31,7 @@ from spconv.constants import FILTER_HWIO
 from spconv.pytorch.conv import SparseConvolution
 from torch import nn
 
-from sparse_ad.config import INFERENCE_ENGINES
+from sparse_ad.config import DEFAULT_ENGINE, INFERENCE_ENGINES
 from sparse_ad.errors import SparseADError
 from sparse_ad.models.sparse_tensor import conv_algo
 from sparse_ad.models.spunet import ResidualBlock, SpUNet, SpUNetOutput, padded_shape, pool_per_frame
@@ -169,10 +169,12 @@ class InferenceUNet(nn.Module):
             self._device_type = device.type
 
 
-def fuse_for_inference(model: SpUNet | InferenceUNet, half: bool = False, engine: str = "spconv") -> nn.Module:
+def fuse_for_inference(model: SpUNet | InferenceUNet, half: bool = False, engine: str | None = "spconv") -> nn.Module:
     """A new inference-only model on `model`'s device; `model` itself is left as it is.
     `half` (CUDA only: spconv's CPU algorithm has no fp16 path worth using) stores fp16.
-    `engine`: one of `config.INFERENCE_ENGINES` (`models/gather_gemm.py` says when which is faster)."""
+    `engine`: one of `config.INFERENCE_ENGINES`, or None for the device's `DEFAULT_ENGINE`."""
+    if engine is None:
+        engine = DEFAULT_ENGINE[next(model.parameters()).device.type]
     if engine not in INFERENCE_ENGINES:
         raise SparseADError(f"inference engine: expected one of {INFERENCE_ENGINES}, found {engine!r}")
     fused = model if isinstance(model, InferenceUNet) else InferenceUNet(model, half=half)
