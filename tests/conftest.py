@@ -67,3 +67,21 @@ def tiny_split(tmp_path) -> Path:
     for i, anomaly in enumerate([True, True, False, False]):
         write_scenario(root, f"0000000{i}-aaaa", [100 + i, 101 + i, 102 + i], anomaly, rng=rng)
     return root
+
+
+@pytest.fixture
+def randomize_bn():
+    """`apply(model, generator)`: non-trivial BN statistics and affine parameters, so that a
+    wrong BN fold (or a layer that ignores BN) cannot pass a comparison."""
+    import torch
+
+    def apply(model, gen):
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=gen) * 2 + 0.2)
+                m.weight.data.copy_(torch.randn(c, generator=gen) * 0.5 + 1)
+                m.bias.data.copy_(torch.randn(c, generator=gen) * 0.5)
+
+    return apply

@@ -11,16 +11,6 @@ from sparse_ad.models.sparse_tensor import to_sparse_tensor
 from sparse_ad.models.spunet import SpUNet
 
 
-def _randomize_bn(model, gen):
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm1d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-            m.running_var.copy_(torch.rand(c, generator=gen) * 2 + 0.2)
-            m.weight.data.copy_(torch.randn(c, generator=gen) * 0.5 + 1)
-            m.bias.data.copy_(torch.randn(c, generator=gen) * 0.5)
-
-
 def _input(seed, shape, batch_size=2, per_frame=300, channels=6):
     """Random voxels, denser near one corner (so neighbours and shared 2x2x2 cells exist)
     and including the box's faces and corners."""
@@ -46,11 +36,11 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("blocks,scene,shape", [(1, True, (9, 10, 11)), (2, False, (16, 12, 8)),
                                                 (1, False, (30, 5, 7))])
-def test_gather_gemm_equals_spconv(blocks, scene, shape):
+def test_gather_gemm_equals_spconv(blocks, scene, shape, randomize_bn):
     gen = torch.Generator().manual_seed(blocks)
     torch.manual_seed(blocks)
     model = SpUNet(6, 8, (8, 16, 24), blocks_per_level=blocks, scene_head=scene)
-    _randomize_bn(model, gen)
+    randomize_bn(model, gen)
     model.eval()
     fused = fuse_for_inference(model)
     gemm = GatherGemmUNet(fused)
@@ -91,12 +81,12 @@ def test_inference_only_and_engines_are_named():
         fuse_for_inference(model, engine="dense")
 
 
-def test_half_precision_engine_runs_without_spconv_kernels():
+def test_half_precision_engine_runs_without_spconv_kernels(randomize_bn):
     """fp16 weights and features (the CUDA setting) through the same torch ops on CPU: close
     to fp32, logits back in fp32. spconv has no CPU fp16 path; this engine needs none."""
     torch.manual_seed(3)
     model = SpUNet(6, 8, (8, 16), blocks_per_level=2, scene_head=True).eval()
-    _randomize_bn(model, torch.Generator().manual_seed(3))
+    randomize_bn(model, torch.Generator().manual_seed(3))
     ref = fuse_for_inference(model, engine="gather_gemm")
     half = fuse_for_inference(model, half=True, engine="gather_gemm")
     assert half.dtype == torch.float16 and half.stem.weight.dtype == torch.float16

@@ -12,17 +12,6 @@ from sparse_ad.models.spunet import SpUNet
 SHAPE = (9, 10, 11)
 
 
-def _randomize_bn(model, gen):
-    """Non-trivial BN statistics and affine params, so a wrong fold cannot pass."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm1d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-            m.running_var.copy_(torch.rand(c, generator=gen) * 2 + 0.2)
-            m.weight.data.copy_(torch.randn(c, generator=gen) * 0.5 + 1)
-            m.bias.data.copy_(torch.randn(c, generator=gen) * 0.5)
-
-
 def _input(seed, batch_size=2, per_frame=150, channels=6):
     rng = np.random.default_rng(seed)
     coords, batch = [], []
@@ -39,11 +28,11 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("blocks,scene", [(1, True), (2, False)])
-def test_folded_equals_unfolded_eval(blocks, scene):
+def test_folded_equals_unfolded_eval(blocks, scene, randomize_bn):
     gen = torch.Generator().manual_seed(blocks)
     torch.manual_seed(blocks)
     model = SpUNet(6, 8, (8, 16), blocks_per_level=blocks, scene_head=scene)
-    _randomize_bn(model, gen)
+    randomize_bn(model, gen)
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fused = fuse_for_inference(model)
@@ -64,12 +53,12 @@ def test_folded_equals_unfolded_eval(blocks, scene):
     assert all(m.bias is None for m in model.modules() if hasattr(m, "indice_key"))
 
 
-def test_fold_is_not_identity_and_model_stays_trainable():
+def test_fold_is_not_identity_and_model_stays_trainable(randomize_bn):
     """BN really changes the output here (so the check above can fail), and the original model
     still trains in train mode after folding."""
     torch.manual_seed(0)
     model = SpUNet(6, 8, (8, 16), blocks_per_level=1)
-    _randomize_bn(model, torch.Generator().manual_seed(3))
+    randomize_bn(model, torch.Generator().manual_seed(3))
     model.eval()
     fused = fuse_for_inference(model)
     plain = SpUNet(6, 8, (8, 16), blocks_per_level=1)

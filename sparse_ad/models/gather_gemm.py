@@ -46,8 +46,8 @@ from spconv.constants import FILTER_HWIO
 from torch import nn
 
 from sparse_ad.errors import SparseADError
-from sparse_ad.models.inference import FusedBlock, FusedConv, InferenceUNet
-from sparse_ad.models.spunet import SpUNetOutput, padded_shape, pool_per_frame
+from sparse_ad.models.inference import FusedBlock, FusedConv, InferenceUNet, copy_levels
+from sparse_ad.models.spunet import SpUNetOutput, heads, padded_shape
 
 _TAPS27 = list(itertools.product((-1, 0, 1), repeat=3))   # tap k = 9 kx + 3 ky + kz, offset k - 1
 
@@ -171,12 +171,7 @@ class GatherGemmUNet(nn.Module):
     def __init__(self, model: InferenceUNet, max_gather_mb: float = 512.0):
         super().__init__()
         self.in_channels, self.stride, self.dtype = model.in_channels, model.stride, model.dtype
-        self.stem = GemmConv(model.stem)
-        self.enc0 = nn.ModuleList(GemmBlock(b) for b in model.enc0)
-        self.down = nn.ModuleList(GemmConv(c) for c in model.down)
-        self.enc = nn.ModuleList(nn.ModuleList(GemmBlock(b) for b in e) for e in model.enc)
-        self.up = nn.ModuleList(GemmConv(c) for c in model.up)
-        self.dec = nn.ModuleList(nn.ModuleList(GemmBlock(b) for b in d) for d in model.dec)
+        copy_levels(self, model, GemmConv, GemmBlock)
         self.head, self.scene = model.head, model.scene
         self.max_gather_bytes = int(max_gather_mb * 2**20)
         self.requires_grad_(False)
@@ -221,10 +216,4 @@ class GatherGemmUNet(nn.Module):
             f = torch.cat([up.up(f, dm), skip], dim=1)
             for blk in dec:
                 f = blk(f, table, self._rows(27, f.shape[1]))
-        f = f[:-1]
-        voxel_logits = self.head(f).squeeze(1).float()
-        scene_logits = None
-        if self.scene is not None:
-            pooled = pool_per_frame(f, x.indices[:, 0].long(), x.batch_size)
-            scene_logits = self.scene(pooled).squeeze(1).float()
-        return SpUNetOutput(voxel_logits, scene_logits)
+        return heads(self.head, self.scene, f[:-1], x.indices[:, 0], x.batch_size)

@@ -34,7 +34,7 @@ from torch import nn
 from sparse_ad.config import DEFAULT_ENGINE, INFERENCE_ENGINES
 from sparse_ad.errors import SparseADError
 from sparse_ad.models.sparse_tensor import conv_algo
-from sparse_ad.models.spunet import ResidualBlock, SpUNet, SpUNetOutput, padded_shape, pool_per_frame
+from sparse_ad.models.spunet import ResidualBlock, SpUNet, SpUNetOutput, heads, padded_shape
 
 
 def _fold(conv: SparseConvolution, bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +100,17 @@ def _seq(s: spconv.SparseSequential) -> FusedConv:
     return FusedConv(conv, bn, relu=True)
 
 
+def copy_levels(dst: nn.Module, src: nn.Module, conv, block) -> None:
+    """dst.{stem, enc0, down, enc, up, dec} = src's, each conv layer through `conv` and each
+    residual block through `block` (the U-Net's layout in one place for its inference forms)."""
+    dst.stem = conv(src.stem)
+    dst.enc0 = nn.ModuleList(block(b) for b in src.enc0)
+    dst.down = nn.ModuleList(conv(c) for c in src.down)
+    dst.enc = nn.ModuleList(nn.ModuleList(block(b) for b in e) for e in src.enc)
+    dst.up = nn.ModuleList(conv(c) for c in src.up)
+    dst.dec = nn.ModuleList(nn.ModuleList(block(b) for b in d) for d in src.dec)
+
+
 class InferenceUNet(nn.Module):
     """Eval-only `SpUNet` with folded BN; same input (fp32 features) and output (fp32 logits)."""
 
@@ -107,12 +118,7 @@ class InferenceUNet(nn.Module):
         super().__init__()
         self.in_channels = model.in_channels
         self.stride = model.stride
-        self.stem = _seq(model.stem)
-        self.enc0 = nn.ModuleList(FusedBlock(b) for b in model.enc0)
-        self.down = nn.ModuleList(_seq(s) for s in model.down)
-        self.enc = nn.ModuleList(nn.ModuleList(FusedBlock(b) for b in e) for e in model.enc)
-        self.up = nn.ModuleList(_seq(s) for s in model.up)
-        self.dec = nn.ModuleList(nn.ModuleList(FusedBlock(b) for b in d) for d in model.dec)
+        copy_levels(self, model, _seq, FusedBlock)
         self.head = copy.deepcopy(model.head)
         self.scene = copy.deepcopy(model.scene)
         self.requires_grad_(False)
@@ -149,13 +155,7 @@ class InferenceUNet(nn.Module):
             x = x.replace_feature(torch.cat([x.features, skips.pop().features], dim=1))
             for blk in dec:
                 x = blk(x)
-        feats = x.features
-        voxel_logits = self.head(feats).squeeze(1).float()
-        scene_logits = None
-        if self.scene is not None:
-            pooled = pool_per_frame(feats, x.indices[:, 0].long(), x.batch_size)
-            scene_logits = self.scene(pooled).squeeze(1).float()
-        return SpUNetOutput(voxel_logits, scene_logits)
+        return heads(self.head, self.scene, x.features, x.indices[:, 0], x.batch_size)
 
     def _use_device(self, device: torch.device) -> None:
         """Conv algorithm and bias/ReLU placement follow the input's device (as in SpUNet)."""

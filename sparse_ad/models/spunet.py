@@ -136,13 +136,7 @@ class SpUNet(nn.Module):
         for up, dec in zip(reversed(self.up), reversed(self.dec), strict=True):
             x = up(x)  # rows of x now match the skip's rows (same indice key)
             x = dec(x.replace_feature(torch.cat([x.features, skips.pop().features], dim=1)))
-        feats = x.features                                   # (M, w0), input row order
-        voxel_logits = self.head(feats).squeeze(1)           # (M,)
-        scene_logits = None
-        if self.scene is not None:
-            pooled = pool_per_frame(feats, x.indices[:, 0].long(), x.batch_size)  # (B, 2*w0)
-            scene_logits = self.scene(pooled).squeeze(1)     # (B,)
-        return SpUNetOutput(voxel_logits, scene_logits)
+        return heads(self.head, self.scene, x.features, x.indices[:, 0], x.batch_size)   # input row order
 
     def _use_algo(self, algo) -> None:
         if algo != self._algo:
@@ -150,6 +144,19 @@ class SpUNet(nn.Module):
                 if isinstance(m, SparseConvolution):
                     m.algo = algo
             self._algo = algo
+
+
+def heads(head: nn.Module, scene: nn.Module | None, feats: torch.Tensor, batch_index: torch.Tensor,
+          batch_size: int) -> SpUNetOutput:
+    """The voxel head on the final features (M, w0) and the optional scene head on their
+    per-frame pooling; logits in float32 whatever the features' dtype (fp16 under autocast or
+    in a folded fp16 model: the losses and metrics work in float32 anyway)."""
+    voxel_logits = head(feats).squeeze(1).float()                                  # (M,)
+    scene_logits = None
+    if scene is not None:
+        pooled = pool_per_frame(feats, batch_index.long(), batch_size)             # (B, 2*w0)
+        scene_logits = scene(pooled).squeeze(1).float()                            # (B,)
+    return SpUNetOutput(voxel_logits, scene_logits)
 
 
 def padded_shape(shape, multiple: int) -> list[int]:
