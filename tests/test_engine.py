@@ -114,6 +114,34 @@ def test_predict_then_eval_preds_equals_eval(trained, tmp_path):
     np.testing.assert_allclose(gemm[:, 3], rows[:, 3], atol=1e-5)
 
 
+def test_predict_skips_a_broken_frame_and_keeps_the_others_in_order(trained, tmp_path):
+    """Frames are loaded by worker processes and scored in batches: a frame that fails to
+    load is named in a warning and left out; every other frame gets its own rows."""
+    import shutil
+
+    cfg, run, _ = trained
+    data = tmp_path / "data"
+    shutil.copytree(cfg.data.root, data)
+    broken = sorted(data.glob("Scenario_*/LIDAR*/*.npy"))[4]
+    broken.write_bytes(broken.read_bytes()[:100])                  # truncated
+    from sparse_ad.engine.evaluate import load_checkpoint_model, predict_frames
+
+    model, mcfg, _ = load_checkpoint_model(run / "best.pt", torch.device("cpu"))
+    mcfg.train.batch_size, mcfg.data.num_workers = 3, 2
+    refs = open_split(data, need_gt=True).frames
+    with pytest.warns(UserWarning, match="skipping frame"):
+        got = list(predict_frames(model, mcfg, refs, torch.device("cpu"), progress=False))
+    broken_ref = (broken.parent.parent, int(broken.stem.rsplit("_", 1)[1]))
+    kept = [r.name for r in refs if (r.scenario.path, r.frame) != broken_ref]
+    assert len(kept) == len(refs) - 1 and [r.name for r, *_ in got] == kept
+    mcfg.train.batch_size, mcfg.data.num_workers = 1, 0                # one frame at a time, in process
+    with pytest.warns(UserWarning, match="skipping frame"):
+        one = list(predict_frames(model, mcfg, refs, torch.device("cpu"), progress=False))
+    for (ra, ka, ca, sa), (rb, kb, cb, sb) in zip(got, one, strict=True):
+        assert ra.name == rb.name and np.array_equal(ka, kb) and np.array_equal(ca, cb)
+        np.testing.assert_allclose(sa, sb, rtol=0, atol=1e-6)
+
+
 def test_eval_preds_protocol_on_crafted_grid(tiny_split, tmp_path):
     """Only voxels in both prediction and GT are scored; ignore tags drop out."""
     from sparse_ad.data.anovox import open_split

@@ -122,9 +122,15 @@ def load_checkpoint_model(checkpoint: Path, device: torch.device, views: int | N
 
 def predict_frames(model, cfg: Config, refs: list[FrameRef], device: torch.device, progress: bool = True,
                    desc: str = "predict"):
-    """Yield (ref, keys (K,) int64, coords (K, 3) int32, scores (K,) float32) per frame,
-    unaugmented, on the AnoVox grid (averaged over `cfg.model.test_views` mirrored copies).
-    Frames that fail to load are skipped with a warning."""
+    """Yield (ref, keys (K,) int64, coords (K, 3) int32, scores (K,) float32) per frame, in
+    `refs` order, unaugmented, on the AnoVox grid (averaged over `cfg.model.test_views`
+    mirrored copies). Frames that fail to load are skipped with a warning.
+
+    Scored as validation scores them: `train.batch_size` frames per forward pass, loaded by
+    `data.num_workers` processes while the model runs. A forward pass costs the host about
+    the same whatever its size on a GPU (README), so batching is most of eval's throughput
+    there; BN is folded, so a frame's scores do not depend on its batch mates."""
+    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from sparse_ad.data.batch import collate, voxelize_batch
@@ -132,15 +138,22 @@ def predict_frames(model, cfg: Config, refs: list[FrameRef], device: torch.devic
     from sparse_ad.engine.validate import frame_scores
 
     ds = FrameDataset(refs, cfg, train=False)
+    loader = DataLoader(ds, batch_size=max(1, cfg.train.batch_size), shuffle=False,
+                        num_workers=cfg.data.num_workers, collate_fn=collate)
     grid = cfg.grid.build()
-    for i in tqdm(range(len(ds)), desc=desc, unit="frame", disable=not progress):
-        batch = collate([ds[i]])
-        if batch.skipped:
-            warnings.warn(f"skipping frame: {batch.skipped[0]}", stacklevel=2)
-            continue
-        vb = voxelize_batch(batch, grid, device)
-        scores = frame_scores(model, vb, grid, amp=device.type == "cuda", views=cfg.model.test_views)
-        yield refs[i], vb.keys.cpu().numpy(), vb.coords.cpu().numpy(), scores.cpu().numpy()
+    with tqdm(total=len(ds), desc=desc, unit="frame", disable=not progress) as bar:
+        for batch in loader:
+            for reason in batch.skipped:
+                warnings.warn(f"skipping frame: {reason}", stacklevel=2)
+            bar.update(len(batch) + len(batch.skipped))
+            if len(batch) == 0:
+                continue
+            vb = voxelize_batch(batch, grid, device)
+            scores = frame_scores(model, vb, grid, amp=device.type == "cuda", views=cfg.model.test_views)
+            keys, coords, scores = vb.keys.cpu().numpy(), vb.coords.cpu().numpy(), scores.cpu().numpy()
+            for b, index in enumerate(batch.indices):
+                rows = slice(vb.offsets[b], vb.offsets[b + 1])
+                yield refs[index], keys[rows], coords[rows], scores[rows]
 
 
 def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, all_frames: bool = False,
