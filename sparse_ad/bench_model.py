@@ -118,6 +118,10 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
                              batch_index=torch.zeros(len(feats), dtype=torch.int32, device=dev))
         frame_scores(fused, vb, grid, amp=False, views=cfg.model.test_views)
 
+    def eval_batch():   # what `eval` does per batch: batch_size frames (x test views) in one pass
+        vb = voxelize_batch(batch, grid, dev)
+        frame_scores(fused, vb, grid, amp=False, views=cfg.model.test_views).cpu()
+
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     results = {"train_step": float(median_ms(dev.type, repeats, train_step, warmup=warmup))}
@@ -132,6 +136,7 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
               "inference_unet_gather_gemm": lambda: unet_part(gemm)}
     if cfg.model.test_views > 1:
         stages["inference_views"] = infer_views
+    stages["eval_batch"] = eval_batch
     spread = interleaved_ms(dev.type, stages, latency_rounds, warmup=warmup)
     results.update({name: s["median"] for name, s in spread.items()})
     voxels = len(voxelize_batch(one, grid, torch.device("cpu")).keys)
@@ -146,6 +151,7 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         "inference_unet_gather_gemm_ms": results["inference_unet_gather_gemm"],
         "gather_gemm_max_abs_diff": results["gather_gemm_max_abs_diff"],
         "test_views": cfg.model.test_views, "inference_views_ms_per_frame": results.get("inference_views"),
+        "eval_ms_per_frame": results["eval_batch"] / batch_size,
         "inference_spread_ms": spread,
         "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else None,
         "repeats": repeats, "latency_rounds": latency_rounds, "machine": machine_info(),
@@ -199,6 +205,8 @@ def format_table(r: dict) -> str:
             ("  gather_gemm vs spconv, max |dp|", f"{r['gather_gemm_max_abs_diff']:.1e}"),
             *([(f"  with {r['test_views']} test views (ms)", f"{r['inference_views_ms_per_frame']:.1f}")]
               if r.get("inference_views_ms_per_frame") is not None else []),
+            (f"eval, {r['batch_size']} frames x {r['test_views']} views a pass (ms/frame)",
+             f"{r['eval_ms_per_frame']:.1f}"),
             ("peak GPU memory (MB)", "n/a" if r["peak_gpu_memory_mb"] is None else f"{r['peak_gpu_memory_mb']:.0f}")]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
