@@ -42,6 +42,15 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
                    help="how the folded U-Net runs its convs: spconv's kernels, or gather_gemm (plain torch "
                         f"gather + GEMM; far fewer host calls per conv, more arithmetic: see README); default: "
                         f"{', '.join(f'{v} on {k}' for k, v in DEFAULT_ENGINE.items())}")
+    p.add_argument("--batch-size", type=int,
+                   help="frames per forward pass; default: the checkpoint's train.batch_size (as validation scored)")
+    p.add_argument("--workers", type=int, help="frame loader processes; default: the checkpoint's data.num_workers")
+
+
+def _scoring(args):
+    from sparse_ad.engine.evaluate import Scoring
+
+    return Scoring(views=args.views, engine=args.engine, batch_size=args.batch_size, workers=args.workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,7 +204,7 @@ def _cmd_eval(args):
     from sparse_ad.engine.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.checkpoint, args.out, data=args.data, all_frames=args.all_frames,
-                        histogram_bins=args.histogram_bins, views=args.views, engine=args.engine)
+                        histogram_bins=args.histogram_bins, scoring=_scoring(args))
     return 0
 
 
@@ -212,7 +221,7 @@ def _cmd_eval_preds(args):
 def _cmd_predict(args):
     from sparse_ad.export import predict_split
 
-    predict_split(args.checkpoint, args.data, args.out, bev=args.bev, views=args.views, engine=args.engine)
+    predict_split(args.checkpoint, args.data, args.out, bev=args.bev, scoring=_scoring(args))
     return 0
 
 

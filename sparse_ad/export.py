@@ -24,15 +24,15 @@ def prediction_rows(coords: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 
 def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, device: str = "auto",
-                  progress: bool = True, views: int | None = None, engine: str | None = None) -> int:
-    """Write prediction files for every frame of `data`; returns the number written.
-    `views`, `engine`: see `evaluate.load_checkpoint_model`."""
+                  progress: bool = True, scoring=None) -> int:
+    """Write prediction files for every frame of `data`, scored as `scoring`
+    (`evaluate.Scoring`) says; returns the number written."""
     from sparse_ad.data.anovox import open_split
-    from sparse_ad.engine.evaluate import load_checkpoint_model, predict_frames, prediction_file
+    from sparse_ad.engine.evaluate import Scoring, load_checkpoint_model, predict_frames, prediction_file
     from sparse_ad.engine.runtime import pick_device
 
     dev = pick_device(device)
-    model, cfg, _ = load_checkpoint_model(checkpoint, dev, views, engine)
+    model, cfg, _ = load_checkpoint_model(checkpoint, dev, scoring or Scoring())
     split = open_split(data, cfg.data.sensor, need_gt=False)
     todo = [r for r in split.frames if not prediction_file(out, r).exists()]
     written = 0

@@ -8,7 +8,7 @@ import torch
 
 from sparse_ad.config import load_config
 from sparse_ad.data.anovox import open_split
-from sparse_ad.engine.evaluate import evaluate_checkpoint, evaluate_predictions
+from sparse_ad.engine.evaluate import Scoring, evaluate_checkpoint, evaluate_predictions
 from sparse_ad.engine.train import train
 from sparse_ad.export import predict_split
 
@@ -103,12 +103,14 @@ def test_predict_then_eval_preds_equals_eval(trained, tmp_path):
     assert ev["views"] == cfg.model.test_views
     views = 2 if cfg.model.test_views != 2 else 4
     with pytest.warns(UserWarning, match="calibrated with"):
-        assert predict_split(run / "best.pt", cfg.data.root, tmp_path / "p2", progress=False, views=views) == 12
+        assert predict_split(run / "best.pt", cfg.data.root, tmp_path / "p2", progress=False,
+                             scoring=Scoring(views=views)) == 12
     other = np.load(tmp_path / "p2" / f.relative_to(preds), allow_pickle=False)
     np.testing.assert_array_equal(other[:, :3], rows[:, :3])
     assert np.abs(other[:, 3] - rows[:, 3]).max() > 1e-6
     # the gather + GEMM engine scores the same voxels the same (fp32 on CPU)
-    assert predict_split(run / "best.pt", cfg.data.root, tmp_path / "pg", progress=False, engine="gather_gemm") == 12
+    assert predict_split(run / "best.pt", cfg.data.root, tmp_path / "pg", progress=False,
+                         scoring=Scoring(engine="gather_gemm", batch_size=5, workers=0)) == 12
     gemm = np.load(tmp_path / "pg" / f.relative_to(preds), allow_pickle=False)
     np.testing.assert_array_equal(gemm[:, :3], rows[:, :3])
     np.testing.assert_allclose(gemm[:, 3], rows[:, 3], atol=1e-5)

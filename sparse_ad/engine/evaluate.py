@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from sparse_ad.data.anovox import FrameRef, open_split
 from sparse_ad.data.files import load_voxel_grid, read_kv_csv
 from sparse_ad.data.labels import GroundTruth, target_table
 from sparse_ad.engine.protocol import ProtocolAccumulator, scored_voxels
-from sparse_ad.errors import SparseADError
+from sparse_ad.errors import ConfigError, SparseADError
 from sparse_ad.grid import VoxelGrid
 from sparse_ad.io import atomic_write_text, load_npy
 
@@ -93,14 +94,27 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
     return result
 
 
-def load_checkpoint_model(checkpoint: Path, device: torch.device, views: int | None = None,
-                          engine: str | None = None):
-    """(inference model, resolved Config, checkpoint dict) from a checkpoint file: BN folded into
-    the convs (`fuse_for_inference`, run by `engine`, default: the device's `config.DEFAULT_ENGINE`),
-    fp16 on CUDA, fp32 (exact to ~1e-6) on CPU.
+@dataclass(frozen=True)
+class Scoring:
+    """How `eval` and `predict` score a checkpoint; None keeps the checkpoint's own setting.
 
-    `views` overrides the checkpoint's `model.test_views` (its threshold was calibrated with
-    those, so a different count shifts what the stored threshold detects: warned)."""
+    views:      mirrored copies averaged (`model.test_views`; its threshold was calibrated with
+                the checkpoint's count, so another one shifts what it detects: warned)
+    engine:     `config.INFERENCE_ENGINES`; default the device's `config.DEFAULT_ENGINE`
+    batch_size: frames per forward pass (`train.batch_size`, as validation scored them)
+    workers:    loader processes (`data.num_workers`)
+    """
+
+    views: int | None = None
+    engine: str | None = None
+    batch_size: int | None = None
+    workers: int | None = None
+
+
+def load_checkpoint_model(checkpoint: Path, device: torch.device, scoring: Scoring = Scoring()):
+    """(inference model, resolved Config, checkpoint dict) from a checkpoint file: BN folded into
+    the convs (`fuse_for_inference`), fp16 on CUDA, fp32 (exact to ~1e-6) on CPU; the
+    config carries `scoring`'s choices."""
     from sparse_ad.engine.checkpoint import load
     from sparse_ad.models.inference import fuse_for_inference
     from sparse_ad.models.spunet import build_model
@@ -110,14 +124,24 @@ def load_checkpoint_model(checkpoint: Path, device: torch.device, views: int | N
     if not ck.get("config"):
         raise SparseADError(f"{checkpoint}: holds no config; it was not written by `sparse-ad train`")
     cfg = config_from_saved(ck["config"], str(checkpoint))
+    views = scoring.views
     if views is not None and views != cfg.model.test_views:
         warnings.warn(f"scoring with {views} view(s); the stored threshold was calibrated with "
                       f"{cfg.model.test_views}, so recall/precision/F1 at it are off-calibration", stacklevel=2)
         cfg.model.test_views = views
     check_views(cfg.model.test_views, cfg.grid.shape)
+    if scoring.batch_size is not None:
+        if scoring.batch_size < 1:
+            raise ConfigError(f"batch size: expected >= 1, found {scoring.batch_size}")
+        cfg.train.batch_size = scoring.batch_size
+    if scoring.workers is not None:
+        if scoring.workers < 0:
+            raise ConfigError(f"workers: expected >= 0, found {scoring.workers}")
+        cfg.data.num_workers = scoring.workers
     model = build_model(cfg.model)
     model.load_state_dict(ck["model"])
-    return fuse_for_inference(model.to(device).eval(), half=device.type == "cuda", engine=engine), cfg, ck
+    fused = fuse_for_inference(model.to(device).eval(), half=device.type == "cuda", engine=scoring.engine)
+    return fused, cfg, ck
 
 
 def predict_frames(model, cfg: Config, refs: list[FrameRef], device: torch.device, progress: bool = True,
@@ -158,16 +182,15 @@ def predict_frames(model, cfg: Config, refs: list[FrameRef], device: torch.devic
 
 def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, all_frames: bool = False,
                         device: str = "auto", progress: bool = True, histogram_bins: int = 0,
-                        views: int | None = None, engine: str | None = None) -> dict:
+                        scoring: Scoring = Scoring()) -> dict:
     """Run a checkpoint on the held-out scenarios (or every frame) and score it (exact, or
-    binned with flat memory when `histogram_bins` > 0); `views`, `engine`: see
-    `load_checkpoint_model`."""
+    binned with flat memory when `histogram_bins` > 0), as `scoring` says."""
     from sparse_ad.data.dataset import split_scenarios
     from sparse_ad.engine.runtime import pick_device
     from sparse_ad.plots import plot_curves
 
     dev = pick_device(device)
-    model, cfg, ck = load_checkpoint_model(checkpoint, dev, views, engine)
+    model, cfg, ck = load_checkpoint_model(checkpoint, dev, scoring)
     if data:
         cfg.data.root = str(data)
     from sparse_ad.engine.runtime import resolve_data_root
