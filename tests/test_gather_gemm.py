@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sparse_ad.errors import SparseADError
 from sparse_ad.models.gather_gemm import GatherGemmUNet, subm_map
@@ -96,3 +98,32 @@ def test_half_precision_engine_runs_without_spconv_kernels(randomize_bn):
     assert b.voxel_logits.dtype == torch.float32 and b.scene_logits.dtype == torch.float32
     assert 0 < _rel(b.voxel_logits, a.voxel_logits) < 5e-3
     assert _rel(b.scene_logits, a.scene_logits) < 5e-3
+
+
+@settings(max_examples=15, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.data())
+def test_property_equals_spconv_on_any_small_scene(data):
+    """Any depth, box and occupancy, down to one voxel per frame and levels that collapse to a
+    single coarse voxel: the same rows and values as spconv."""
+    levels = data.draw(st.integers(1, 4), label="levels")
+    shape = tuple(data.draw(st.integers(1, 12), label=f"axis{a}") for a in range(3))
+    frames = data.draw(st.integers(1, 3), label="frames")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    rng = np.random.default_rng(seed)
+    coords, batch = [], []
+    for b in range(frames):
+        k = int(rng.integers(1, min(40, int(np.prod(shape))) + 1))
+        keys = rng.choice(int(np.prod(shape)), k, replace=False)
+        coords.append(np.stack(np.unravel_index(keys, shape), axis=1))
+        batch.append(np.full(k, b))
+    coords, batch = np.concatenate(coords), np.concatenate(batch)
+    feats = rng.standard_normal((len(coords), 6)).astype(np.float32)
+    x = to_sparse_tensor(feats, coords, batch, shape, frames)
+    torch.manual_seed(seed)
+    model = SpUNet(6, 4, tuple(4 * (i + 1) for i in range(levels)), blocks_per_level=1, scene_head=True).eval()
+    fused = fuse_for_inference(model)
+    with torch.no_grad():
+        ref, out = fused(x), GatherGemmUNet(fused)(x)
+    assert _rel(out.voxel_logits, ref.voxel_logits) < 1e-5
+    assert _rel(out.scene_logits, ref.scene_logits) < 1e-5
