@@ -152,7 +152,7 @@ def test_a_dying_loader_worker_is_reported_with_its_frames(tiny_split, tmp_path,
 
 
 def test_ddp_through_torchrun_on_cpu(tiny_split, tmp_path):
-    """Two gloo processes, one code path: rank 0 validates and writes, both train."""
+    """Two gloo processes, one code path: both train and validate, rank 0 writes."""
     env = {**os.environ, "SPARSE_AD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     run = tmp_path / "ddp"
     torchrun = Path(sys.executable).parent / "torchrun"

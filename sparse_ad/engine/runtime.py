@@ -1,7 +1,8 @@
 """Everything a run needs that is not the model: device, seeds, DDP, data, logging.
 
 One code path for one process and for `torchrun`: the process group is set up only when
-`WORLD_SIZE` > 1 (gloo on CPU, NCCL on CUDA); rank 0 validates, logs and writes files.
+`WORLD_SIZE` > 1 (gloo on CPU, NCCL on CUDA); every rank validates a share of the frames, rank 0
+pools them, logs and writes files.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class Runtime:
                                 f"{self.max_skip_fraction}; fix or remove the broken files listed above")
 
     def broadcast(self, obj):
-        """Rank 0's object on every rank (validation runs on rank 0 only)."""
+        """Rank 0's object on every rank (e.g. the validation metrics it pooled)."""
         if not self.distributed:
             return obj
         box = [obj]

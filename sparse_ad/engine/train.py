@@ -112,9 +112,9 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
                          "same command again to resume")
                 return {"stopped": True, "epoch": epoch}
             state.step_in_epoch = 0
-            # the bare module: a DDP forward would start collectives that rank 0 runs alone
-            metrics = validate(cfg, rt, state.eval_model, epoch) if rt.is_main else None
-            metrics = rt.broadcast(metrics)
+            # every rank scores a share with the bare module (not through DDP: its forward would
+            # start gradient-sync collectives); rank 0 gets the metrics and shares them
+            metrics = rt.broadcast(validate(cfg, rt, state.eval_model, epoch))
             _record_epoch(cfg, rt, run_dir, state, sched, epoch, stats, metrics, writer)
             if cfg.train.max_minutes and (time.monotonic() - start) / 60 > cfg.train.max_minutes:
                 _log(rt, f"time budget of {cfg.train.max_minutes} min reached after epoch {epoch + 1}")

@@ -39,15 +39,22 @@ def frame_scores(model, vb, grid, amp: bool, views: int = 1) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(cfg, rt, model, epoch: int) -> dict:
-    from torch.utils.data import DataLoader
+def validate(cfg, rt, model, epoch: int) -> dict | None:
+    """Validation metrics on rank 0 (None on the other ranks). Under DDP every rank scores
+    an interleaved share of the frames with rank 0's weights and BN statistics, and rank 0
+    pools them in frame order, so the metrics are those of one process scoring them all."""
+    from torch.utils.data import DataLoader, Subset
 
     from sparse_ad.data.batch import collate, voxelize_batch
 
     model.eval()
+    dataset = rt.val_set
+    if rt.distributed:
+        _weights_from_rank0(model)   # BN statistics differ between ranks after a DDP step
+        dataset = Subset(dataset, range(rt.rank, len(dataset), rt.world_size))
     scorer = validation_scorer(model, rt.device)
-    acc = ProtocolAccumulator()
-    loader = DataLoader(rt.val_set, batch_size=cfg.train.batch_size, shuffle=False,
+    frames = []   # (frame index, scores, is-anomaly, name) of scored voxels
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=False,
                         num_workers=cfg.data.num_workers, collate_fn=collate)
     for batch in loader:
         rt.note_batch(batch)
@@ -56,11 +63,20 @@ def validate(cfg, rt, model, epoch: int) -> dict:
         vb = voxelize_batch(batch, rt.grid, rt.device)
         scores = frame_scores(scorer, vb, rt.grid, rt.amp, views=cfg.model.test_views).cpu().numpy()
         valid, targets = vb.valid.cpu().numpy(), vb.targets.cpu().numpy() > 0
-        for b in range(vb.batch_size):
+        for b, index in enumerate(batch.indices):
             rows = slice(vb.offsets[b], vb.offsets[b + 1])
             keep = valid[rows]
-            acc.add_frame(scores[rows][keep], targets[rows][keep], name=vb.names[b])
+            frames.append((index, scores[rows][keep], targets[rows][keep], vb.names[b]))
     model.train()
+    if rt.distributed:
+        shares = [None] * rt.world_size if rt.is_main else None
+        torch.distributed.gather_object(frames, shares, dst=0)
+        if not rt.is_main:
+            return None
+        frames = sorted((f for share in shares for f in share), key=lambda f: f[0])
+    acc = ProtocolAccumulator()
+    for _, scores, targets, name in frames:
+        acc.add_frame(scores, targets, name=name)
     threshold = acc.all.best_f1_threshold()
     metrics = acc.result(threshold)
     metrics["objects"].pop("worst", None)   # per-epoch history keeps the counts, not the list
@@ -68,6 +84,12 @@ def validate(cfg, rt, model, epoch: int) -> dict:
     metrics["at_decision_threshold"] = {k: at_decision[k] for k in ("recall", "detections", "positive_rate")}
     metrics["collapse"] = collapse_reason(metrics)
     return metrics
+
+
+def _weights_from_rank0(model) -> None:
+    """Rank 0's parameters and buffers on every rank, in place."""
+    for t in model.state_dict().values():
+        torch.distributed.broadcast(t, src=0)
 
 
 def validation_scorer(model, device: torch.device):
