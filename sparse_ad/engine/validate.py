@@ -22,9 +22,9 @@ def frame_scores(model, vb, grid, amp: bool, views: int = 1) -> torch.Tensor:
     `model` is a SpUNet (autocast when `amp`) or a folded inference model (either engine),
     which carries its own dtype (in eval mode autocast does not reach spconv's convs anyway).
     The voxelizer's coordinates are in range by construction, so the range check (a host
-    sync) is skipped. `views` > 1 averages
-    the probabilities of that many mirrored copies (`sparse_ad.models.tta`), run as one batch
-    of `views` x B frames: one forward pass, so the per-call costs are paid once."""
+    sync) is skipped. `views` > 1 averages the probabilities of that many mirrored copies
+    (`sparse_ad.models.tta`), run as one batch of `views` x B frames: one forward pass, so the
+    per-call costs are paid once."""
     from sparse_ad.models.inference import is_inference_model
     from sparse_ad.models.sparse_tensor import to_sparse_tensor
     from sparse_ad.models.tta import stacked_views
@@ -53,7 +53,8 @@ def validate(cfg, rt, model, epoch: int) -> dict | None:
         _weights_from_rank0(model)   # BN statistics differ between ranks after a DDP step
         dataset = Subset(dataset, range(rt.rank, len(dataset), rt.world_size))
     scorer = validation_scorer(model, rt.device)
-    frames = []   # (frame index, scores, is-anomaly, name) of scored voxels
+    acc = ProtocolAccumulator()
+    frames = []   # under DDP: this rank's (frame index, scores, is-anomaly, name), pooled on rank 0
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=False,
                         num_workers=cfg.data.num_workers, collate_fn=collate)
     for batch in loader:
@@ -66,17 +67,19 @@ def validate(cfg, rt, model, epoch: int) -> dict | None:
         for b, index in enumerate(batch.indices):
             rows = slice(vb.offsets[b], vb.offsets[b + 1])
             keep = valid[rows]
-            frames.append((index, scores[rows][keep], targets[rows][keep], vb.names[b]))
+            scored = (scores[rows][keep], targets[rows][keep])
+            if rt.distributed:
+                frames.append((index, *scored, vb.names[b]))
+            else:
+                acc.add_frame(*scored, name=vb.names[b])
     model.train()
     if rt.distributed:
         shares = [None] * rt.world_size if rt.is_main else None
         torch.distributed.gather_object(frames, shares, dst=0)
         if not rt.is_main:
             return None
-        frames = sorted((f for share in shares for f in share), key=lambda f: f[0])
-    acc = ProtocolAccumulator()
-    for _, scores, targets, name in frames:
-        acc.add_frame(scores, targets, name=name)
+        for _, scores, targets, name in sorted((f for share in shares for f in share), key=lambda f: f[0]):
+            acc.add_frame(scores, targets, name=name)
     threshold = acc.all.best_f1_threshold()
     metrics = acc.result(threshold)
     metrics["objects"].pop("worst", None)   # per-epoch history keeps the counts, not the list
