@@ -84,7 +84,7 @@ gather + GEMM (`models/gather_gemm.py`)."""
 
 DEFAULT_ENGINE = {"cpu": "spconv", "cuda": "spconv"}
 """The engine `eval`, `predict` and CUDA validation use per device type when none is named.
-gather_gemm does 3-5x spconv's arithmetic, so it loses on a CPU (measured); on CUDA it should
+gather_gemm does ~3x spconv's arithmetic, so it loses on a CPU (measured); on CUDA it should
 win on host time (README), but stays off until an H100 run has measured it."""
 
 
