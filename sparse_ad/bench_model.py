@@ -9,10 +9,10 @@ incl. the copy and features; U-Net incl. the sparse tensor and sigmoid). The unf
 under autocast (the eval path before folding) is timed too, for comparison, and so is the
 same path with the `gather_gemm` engine (and how far its probabilities are from spconv's).
 Inputs are LiDAR-like sweeps of `points` points on the AnoVox grid (`bench.lidar_cloud`), so
-no dataset is needed. Timings on CUDA use events after warm-up; on CPU, perf_counter. The training step is the median of
-`repeats`; the inference variants are timed in turn, round after round (`latency_rounds`),
-so the whole and its parts share conditions, and each gets a median and a 10-90% spread.
-Prints a table and writes JSON.
+no dataset is needed. Timings on CUDA use events after warm-up; on CPU, perf_counter. The
+training step is the median of `repeats`; the inference variants are timed in turn, round
+after round (`latency_rounds`), so the whole and its parts share conditions, and each gets a
+median and a 10-90% spread. Prints a table and writes JSON.
 """
 
 from __future__ import annotations

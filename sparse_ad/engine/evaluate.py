@@ -154,27 +154,20 @@ def predict_frames(model, cfg: Config, refs: list[FrameRef], device: torch.devic
     `data.num_workers` processes while the model runs. A forward pass costs the host about
     the same whatever its size on a GPU (README), so batching is most of eval's throughput
     there; BN is folded, so a frame's scores do not depend on its batch mates."""
-    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from sparse_ad.data.batch import collate, voxelize_batch
     from sparse_ad.data.dataset import FrameDataset
-    from sparse_ad.engine.validate import frame_scores
+    from sparse_ad.engine.validate import scored_batches
 
     ds = FrameDataset(refs, cfg, train=False)
-    loader = DataLoader(ds, batch_size=max(1, cfg.train.batch_size), shuffle=False,
-                        num_workers=cfg.data.num_workers, collate_fn=collate)
-    grid = cfg.grid.build()
     with tqdm(total=len(ds), desc=desc, unit="frame", disable=not progress) as bar:
-        for batch in loader:
+        for batch, vb, scores in scored_batches(model, ds, cfg, cfg.grid.build(), device, amp=device.type == "cuda"):
             for reason in batch.skipped:
                 warnings.warn(f"skipping frame: {reason}", stacklevel=2)
             bar.update(len(batch) + len(batch.skipped))
-            if len(batch) == 0:
+            if vb is None:
                 continue
-            vb = voxelize_batch(batch, grid, device)
-            scores = frame_scores(model, vb, grid, amp=device.type == "cuda", views=cfg.model.test_views)
-            keys, coords, scores = vb.keys.cpu().numpy(), vb.coords.cpu().numpy(), scores.cpu().numpy()
+            keys, coords = vb.keys.cpu().numpy(), vb.coords.cpu().numpy()
             for b, index in enumerate(batch.indices):
                 rows = slice(vb.offsets[b], vb.offsets[b + 1])
                 yield refs[index], keys[rows], coords[rows], scores[rows]

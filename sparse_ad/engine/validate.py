@@ -38,14 +38,31 @@ def frame_scores(model, vb, grid, amp: bool, views: int = 1) -> torch.Tensor:
     return torch.sigmoid(out.voxel_logits.float()).view(views, -1).mean(0)
 
 
+def scored_batches(model, dataset, cfg, grid, device: torch.device, amp: bool):
+    """(batch, VoxelBatch, scores (M,) numpy) per batch of `dataset`, in order: `train.batch_size`
+    frames (x test views) per forward pass, loaded by `data.num_workers` processes meanwhile
+    (how validation, `eval` and `predict` score). Batches whose frames all failed to load
+    come as (batch, None, None); `batch.skipped` names the failures."""
+    from torch.utils.data import DataLoader
+
+    from sparse_ad.data.batch import collate, voxelize_batch
+
+    loader = DataLoader(dataset, batch_size=max(1, cfg.train.batch_size), shuffle=False,
+                        num_workers=cfg.data.num_workers, collate_fn=collate)
+    for batch in loader:
+        if len(batch) == 0:
+            yield batch, None, None
+            continue
+        vb = voxelize_batch(batch, grid, device)
+        yield batch, vb, frame_scores(model, vb, grid, amp, views=cfg.model.test_views).cpu().numpy()
+
+
 @torch.no_grad()
 def validate(cfg, rt, model, epoch: int) -> dict | None:
     """Validation metrics on rank 0 (None on the other ranks). Under DDP every rank scores
     an interleaved share of the frames with rank 0's weights and BN statistics, and rank 0
     pools them in frame order, so the metrics are those of one process scoring them all."""
-    from torch.utils.data import DataLoader, Subset
-
-    from sparse_ad.data.batch import collate, voxelize_batch
+    from torch.utils.data import Subset
 
     model.eval()
     dataset = rt.val_set
@@ -55,14 +72,10 @@ def validate(cfg, rt, model, epoch: int) -> dict | None:
     scorer = validation_scorer(model, rt.device)
     acc = ProtocolAccumulator()
     frames = []   # under DDP: this rank's (frame index, scores, is-anomaly, name), pooled on rank 0
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=False,
-                        num_workers=cfg.data.num_workers, collate_fn=collate)
-    for batch in loader:
+    for batch, vb, scores in scored_batches(scorer, dataset, cfg, rt.grid, rt.device, rt.amp):
         rt.note_batch(batch)
-        if len(batch) == 0:
+        if vb is None:
             continue
-        vb = voxelize_batch(batch, rt.grid, rt.device)
-        scores = frame_scores(scorer, vb, rt.grid, rt.amp, views=cfg.model.test_views).cpu().numpy()
         valid, targets = vb.valid.cpu().numpy(), vb.targets.cpu().numpy() > 0
         for b, index in enumerate(batch.indices):
             rows = slice(vb.offsets[b], vb.offsets[b + 1])
