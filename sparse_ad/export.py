@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sparse_ad.data.in_flight import naming_dead_workers
 from sparse_ad.io import atomic_save_npy
 
 
@@ -23,6 +24,7 @@ def prediction_rows(coords: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return rows
 
 
+@naming_dead_workers()
 def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, device: str = "auto",
                   progress: bool = True, scoring=None) -> int:
     """Write prediction files for every frame of `data`, scored as `scoring`

@@ -132,23 +132,58 @@ def test_nan_points_are_dropped_not_trained_on(tiny_split, tmp_path, monkeypatch
     assert np.isfinite(summary["best"]["train_loss"])
 
 
-def test_a_dying_loader_worker_is_reported_with_its_frames(tiny_split, tmp_path, monkeypatch):
-    """A worker killed by a signal (here: SIGKILL on itself) names the frames it may have held."""
+def _die_on_frame(monkeypatch, record: Path, train: bool, nth: int) -> None:
+    """Make a loader worker SIGKILL itself when it starts loading the `nth` frame of the
+    train (or non-train) dataset; the frame's name goes to `record` first."""
     from sparse_ad.data import dataset as ds_mod
 
-    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
     original = ds_mod.FrameDataset._load
 
     def crash(self, index, ref):
-        if self.train and index == 0:
+        if self.train == train and index == nth:
+            record.write_text(ref.name)
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, index, ref)
 
     monkeypatch.setattr(ds_mod.FrameDataset, "_load", crash)
+
+
+@pytest.mark.parametrize("nth", [0, 5])
+def test_a_dying_loader_worker_is_reported_with_its_frame(tiny_split, tmp_path, monkeypatch, nth):
+    """A worker killed by a signal mid-load: the error names that frame and only that one."""
+    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
+    _die_on_frame(monkeypatch, tmp_path / "died_on", train=True, nth=nth)
     cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", "train.epochs=1", *TINY,
-                                            "data.num_workers=1"])
-    with pytest.raises(SparseADError, match="data loader worker died.*frames: .*/10"):
+                                            "data.num_workers=2"])
+    with pytest.raises(SparseADError, match="data loader worker died") as err:
         train(cfg, tmp_path / "r")
+    name = (tmp_path / "died_on").read_text()
+    assert f"while loading frame {name} (" in str(err.value)
+    assert str(err.value).count("frame ") == 1
+
+
+def test_a_worker_dying_in_validation_or_eval_is_named_too(tiny_split, tmp_path, monkeypatch):
+    from sparse_ad.engine.evaluate import Scoring, evaluate_checkpoint
+
+    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", "train.epochs=1", *TINY])
+    train(cfg, tmp_path / "r")
+    _die_on_frame(monkeypatch, tmp_path / "died_on", train=False, nth=1)
+    with pytest.raises(SparseADError, match="while loading frame .*; check its files") as err:
+        evaluate_checkpoint(tmp_path / "r" / "best.pt", tmp_path / "eval", progress=False,
+                            scoring=Scoring(workers=1))
+    assert f"frame {(tmp_path / 'died_on').read_text()} (" in str(err.value)
+
+
+def test_a_worker_death_outside_a_load_says_so():
+    from sparse_ad.data.in_flight import naming_dead_workers
+
+    with pytest.raises(SparseADError, match="outside a frame load; run with data.num_workers=0"):
+        with naming_dead_workers():
+            raise RuntimeError("DataLoader worker (pid(s) 999999, 999998) exited unexpectedly")
+    with pytest.raises(RuntimeError, match="^something else$"):
+        with naming_dead_workers():
+            raise RuntimeError("something else")
 
 
 def test_ddp_through_torchrun_on_cpu(tiny_split, tmp_path):

@@ -19,6 +19,7 @@ import numpy as np
 
 from sparse_ad.config import AugmentConfig, Config
 from sparse_ad.data.anovox import FrameRef, load_frame
+from sparse_ad.data.in_flight import InFlight
 from sparse_ad.data.labels import ANOMALY, GroundTruth, target_table
 from sparse_ad.data.per_point import add_xyz, finite_rows, point_targets, rotate_flip_scale
 from sparse_ad.data.sweeps import check_sweeps, stacked_grid_points
@@ -66,6 +67,7 @@ class FrameDataset:
         self.lut = target_table(cfg.labels.anomaly_tags, cfg.labels.ignore_tags)
         self.train = train
         self.epoch = 0
+        self.in_flight = InFlight(frames)
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -76,7 +78,8 @@ class FrameDataset:
     def __getitem__(self, index: int) -> Sample | SparseADError:
         ref = self.frames[index]
         try:
-            return self._load(index, ref)
+            with self.in_flight.loading(index):
+                return self._load(index, ref)
         except SparseADError as e:  # returned, not raised, so one bad file does not kill a worker
             return e
         except MemoryError:

@@ -18,6 +18,7 @@ import torch
 from sparse_ad.config import Config, config_from_saved
 from sparse_ad.data.anovox import FrameRef, open_split
 from sparse_ad.data.files import load_voxel_grid, read_kv_csv
+from sparse_ad.data.in_flight import naming_dead_workers
 from sparse_ad.data.labels import GroundTruth, target_table
 from sparse_ad.engine.protocol import ProtocolAccumulator, scored_voxels
 from sparse_ad.errors import ConfigError, SparseADError
@@ -173,6 +174,7 @@ def predict_frames(model, cfg: Config, refs: list[FrameRef], device: torch.devic
                 yield refs[index], keys[rows], coords[rows], scores[rows]
 
 
+@naming_dead_workers()
 def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, all_frames: bool = False,
                         device: str = "auto", progress: bool = True, histogram_bins: int = 0,
                         scoring: Scoring = Scoring()) -> dict:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from sparse_ad.config import Config, config_to_dict, save_config
+from sparse_ad.data.in_flight import naming_dead_workers
 from sparse_ad.engine import checkpoint as ckpt
 from sparse_ad.engine.runtime import Runtime, make_loader, setup_runtime
 from sparse_ad.engine.validate import validate
@@ -78,6 +79,7 @@ def selection_score(metrics: dict, section: str) -> float:
     return aupr if aupr is not None and not math.isnan(aupr) else -1.0
 
 
+@naming_dead_workers()
 def train(cfg: Config, run_dir: Path) -> dict:
     """Train (or resume) into `run_dir`; returns the final summary dict."""
     if cfg.train.select_on not in SELECT_ON:
@@ -129,19 +131,13 @@ def _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer) -> StepStat
     stats = StepStats()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", disable=not rt.show_progress,
                leave=False)
-    step = 0
-    try:
-        for step, batch in enumerate(bar):
-            if step < state.step_in_epoch:  # resumed mid-epoch: these steps were done before the stop
-                continue
-            _train_one(cfg, rt, state, sched, batch, stats, writer, bar)
-            state.step_in_epoch = step + 1
-            if stop.set:
-                break
-    except RuntimeError as e:
-        if "DataLoader worker" in str(e):
-            raise _worker_died(e, loader, cfg, step) from None
-        raise
+    for step, batch in enumerate(bar):
+        if step < state.step_in_epoch:  # resumed mid-epoch: these steps were done before the stop
+            continue
+        _train_one(cfg, rt, state, sched, batch, stats, writer, bar)
+        state.step_in_epoch = step + 1
+        if stop.set:
+            break
     return stats
 
 
@@ -168,19 +164,6 @@ def _train_one(cfg, rt, state, sched, batch, stats, writer, bar) -> None:
         writer.add_scalar("train/loss", loss, state.global_step)
         writer.add_scalar("train/lr", sched.get_last_lr()[0], state.global_step)
     bar.set_postfix(loss=f"{loss:.4f}")
-
-
-def _worker_died(e: RuntimeError, loader, cfg, step: int) -> SparseADError:
-    """A loader worker process died (segfault, OOM kill): torch raises wherever the main
-    process is. Name the frames it may have been loading: the next batches of this epoch's
-    fixed order."""
-    order = list(loader.sampler) if loader.sampler is not None else list(range(len(loader.dataset)))
-    ahead = max(cfg.data.num_workers, 1) * 2 + 1
-    idx = order[step * cfg.train.batch_size:(step + ahead) * cfg.train.batch_size]
-    names = [loader.dataset.frames[i].name for i in idx]
-    return SparseADError(f"a data loader worker died ({str(e).splitlines()[0]}) while loading one of these "
-                         f"frames: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}; check them, or run "
-                         "with data.num_workers=0 to see the error directly")
 
 
 def _step(cfg, rt, state, vb) -> tuple[float | None, dict]:
