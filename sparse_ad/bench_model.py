@@ -7,7 +7,8 @@ loader would hand them over) → device → voxelize → features → BN-folded 
 (`fuse_for_inference`, real fp16 on CUDA) → sigmoid, with its two parts timed apart (voxelize
 incl. the copy and features; U-Net incl. the sparse tensor and sigmoid). The unfused model
 under autocast (the eval path before folding) is timed too, for comparison, and so is the
-same path with the `gather_gemm` engine (and how far its probabilities are from spconv's).
+same path with the `gather_gemm` engine and, on CUDA, with its CUDA-graph form (and how far
+their probabilities are from spconv's).
 Inputs are LiDAR-like sweeps of `points` points on the AnoVox grid (`bench.lidar_cloud`), so
 no dataset is needed. Timings on CUDA use events after warm-up; on CPU, perf_counter. The
 training step is the median of `repeats`; the inference variants are timed in turn, round
@@ -111,6 +112,10 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         vox_part()
         unet_part(gemm)
 
+    def infer_graphs():   # ... with its convs replayed from CUDA graphs
+        vox_part()
+        unet_part(graphed)
+
     def infer_views():   # the same with the config's test-time views, batched as `eval` runs them
         vox_part()
         feats, coords = last["x"]
@@ -127,6 +132,7 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
     results = {"train_step": float(median_ms(dev.type, repeats, train_step, warmup=warmup))}
     fused = fuse_for_inference(model.eval(), half=dev.type == "cuda")   # from the trained weights and BN stats
     gemm = fuse_for_inference(fused, engine="gather_gemm")
+    graphed = fuse_for_inference(fused, engine="gather_gemm_graphs") if dev.type == "cuda" else None
     model.train()
     vox_part()
     a, b = unet_part(), unet_part(gemm)
@@ -134,6 +140,9 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
     stages = {"inference": infer, "inference_voxelize": vox_part, "inference_unet": unet_part,
               "inference_unfused": infer_unfused, "inference_gather_gemm": infer_gemm,
               "inference_unet_gather_gemm": lambda: unet_part(gemm)}
+    if graphed is not None:
+        results["graphs_max_abs_diff"] = float((a.float() - unet_part(graphed).float()).abs().max())
+        stages.update({"inference_graphs": infer_graphs, "inference_unet_graphs": lambda: unet_part(graphed)})
     if cfg.model.test_views > 1:
         stages["inference_views"] = infer_views
     stages["eval_batch"] = eval_batch
@@ -150,6 +159,9 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         "inference_gather_gemm_ms_per_frame": results["inference_gather_gemm"],
         "inference_unet_gather_gemm_ms": results["inference_unet_gather_gemm"],
         "gather_gemm_max_abs_diff": results["gather_gemm_max_abs_diff"],
+        "inference_graphs_ms_per_frame": results.get("inference_graphs"),
+        "inference_unet_graphs_ms": results.get("inference_unet_graphs"),
+        "graphs_max_abs_diff": results.get("graphs_max_abs_diff"),
         "test_views": cfg.model.test_views, "inference_views_ms_per_frame": results.get("inference_views"),
         "eval_ms_per_frame": results["eval_batch"] / batch_size,
         "inference_spread_ms": spread,
@@ -203,6 +215,11 @@ def format_table(r: dict) -> str:
              f"{r['inference_gather_gemm_ms_per_frame']:.1f} / {r['inference_unet_gather_gemm_ms']:.1f}"
              + _p10_p90(r, "inference_gather_gemm")),
             ("  gather_gemm vs spconv, max |dp|", f"{r['gather_gemm_max_abs_diff']:.1e}"),
+            *([("  gather_gemm_graphs: whole / U-Net (ms)",
+                f"{r['inference_graphs_ms_per_frame']:.1f} / {r['inference_unet_graphs_ms']:.1f}"
+                + _p10_p90(r, "inference_graphs")),
+               ("  gather_gemm_graphs vs spconv, max |dp|", f"{r['graphs_max_abs_diff']:.1e}")]
+              if r.get("inference_graphs_ms_per_frame") is not None else []),
             *([(f"  with {r['test_views']} test views (ms)", f"{r['inference_views_ms_per_frame']:.1f}")]
               if r.get("inference_views_ms_per_frame") is not None else []),
             (f"eval, {r['batch_size']} frames x {r['test_views']} views a pass (ms/frame)",

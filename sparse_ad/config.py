@@ -78,9 +78,10 @@ class AugmentConfig:
 TEST_VIEW_COUNTS = (1, 2, 4, 8)
 """Allowed `model.test_views`: the first 1, 2, 4 or all 8 of `models.tta.VIEWS`."""
 
-INFERENCE_ENGINES = ("spconv", "gather_gemm")
-"""How a folded model runs its convs (`eval`/`predict --engine`): spconv's kernels, or plain torch
-gather + GEMM (`models/gather_gemm.py`)."""
+INFERENCE_ENGINES = ("spconv", "gather_gemm", "gather_gemm_graphs")
+"""How a folded model runs its convs (`eval`/`predict --engine`): spconv's kernels, plain torch
+gather + GEMM (`models/gather_gemm.py`), or those replayed from CUDA graphs (`models/graphs.py`,
+CUDA only)."""
 
 DEFAULT_ENGINE = {"cpu": "spconv", "cuda": "spconv"}
 """The engine `eval`, `predict` and CUDA validation use per device type when none is named.

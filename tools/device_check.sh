@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Everything sparse_ad owes a CUDA machine, in one call: the CUDA voxelizer against the CPU
 # path on the real device, the voxelizer benchmark (ours vs spconv PointToVoxel vs
-# torch.unique, with a floor estimate), the training/inference benchmark (both inference
+# torch.unique, with a floor estimate), the training/inference benchmark (every inference
 # engines), and a short real training run + held-out evaluation on a synthetic split (with
-# both engines). Results land in $OUT (default runs/device); each step has its own time limit
+# every engine). Results land in $OUT (default runs/device); each step has its own time limit
 # so one hang does not lose the rest.
 #   OUT=runs/device bash tools/device_check.sh [steps...]   # steps: env cases vox model profile train
 set -uo pipefail
@@ -39,6 +39,7 @@ $PY tools/bench_model.py --config configs/demo.yaml --device cuda --batch-size 8
   train) step train 400 bash -c "$PY tools/train.py --config configs/demo.yaml --run-dir $OUT/run \
 train.device=cuda train.max_minutes=4 train.epochs=30 data.num_workers=6 train.cpu_threads=0 && \
 $PY tools/evaluate.py --checkpoint $OUT/run/best.pt --out $OUT/eval && \
-$PY tools/evaluate.py --checkpoint $OUT/run/best.pt --out $OUT/eval_gemm --engine gather_gemm" ;;
+$PY tools/evaluate.py --checkpoint $OUT/run/best.pt --out $OUT/eval_gemm --engine gather_gemm && \
+$PY tools/evaluate.py --checkpoint $OUT/run/best.pt --out $OUT/eval_graphs --engine gather_gemm_graphs" ;;
   *) echo "unknown step $s (env cases vox model profile train)"; exit 2 ;;
 esac; done

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from dataclasses import dataclass
 
 import torch
 from spconv.constants import FILTER_HWIO
@@ -71,21 +72,22 @@ def _framed_keys(idx: torch.Tensor, shape) -> tuple[torch.Tensor, tuple[int, int
     return (idx * _const(strides, idx.device)).sum(dim=1) + (strides[1] + strides[2] + 1), strides
 
 
-def subm_map(idx: torch.Tensor, shape) -> torch.Tensor:
-    """(N, 27) int64: row of the neighbour at each 3x3x3 tap, N where there is none."""
+def subm_map(idx: torch.Tensor, shape, none: int | None = None) -> torch.Tensor:
+    """(N, 27) int64: row of the neighbour at each 3x3x3 tap, `none` (default N) where there
+    is none."""
     n = idx.shape[0]
     keys, (_, sx, sy, sz) = _framed_keys(idx, shape)
     sorted_keys, order = torch.sort(keys)
     deltas = _const(tuple(dx * sx + dy * sy + dz * sz for dx, dy, dz in _TAPS27), idx.device)
     qk = keys[:, None] + deltas                                                  # (N, 27)
     pos = torch.searchsorted(sorted_keys, qk).clamp_(max=n - 1)
-    return torch.where(torch.take(sorted_keys, pos) == qk, torch.take(order, pos), n)
+    return torch.where(torch.take(sorted_keys, pos) == qk, torch.take(order, pos), n if none is None else none)
 
 
 class DownMap:
     """The 2x2x2 / stride-2 map from a level (rows `idx`, box `shape`) to the next one."""
 
-    def __init__(self, idx: torch.Tensor, shape):
+    def __init__(self, idx: torch.Tensor, shape, none: int | None = None):
         if any(s % 2 for s in shape):
             raise SparseADError(f"gather_gemm: level box {tuple(shape)} is not even; pad the spatial shape")
         n = idx.shape[0]
@@ -95,10 +97,20 @@ class DownMap:
         self.n_coarse = keys.shape[0]
         tap = ((idx & 1) * _const((0, 4, 2, 1), idx.device)).sum(dim=1)          # (N,) in [0, 8)
         self.slot = parent * 8 + tap                                             # (N,) row of (N_c * 8)
-        table = torch.full((self.n_coarse * 8,), n, dtype=torch.int64, device=idx.device)
+        table = torch.full((self.n_coarse * 8,), n if none is None else none, dtype=torch.int64, device=idx.device)
         self.table = table.scatter_(0, self.slot, torch.arange(n, device=idx.device)).view(self.n_coarse, 8)
         coarse = torch.empty((self.n_coarse, 4), dtype=idx.dtype, device=idx.device)
         self.idx = coarse.index_put_((parent,), half)                           # equal values per parent
+
+
+@dataclass
+class LevelMaps:
+    """One level's maps: its submanifold map and, except on the coarsest level, the maps to
+    the next level (`DownMap.table` and `.slot`)."""
+
+    table: torch.Tensor                      # (N, 27)
+    down_table: torch.Tensor | None = None   # (N_next, 8)
+    slot: torch.Tensor | None = None         # (N,)
 
 
 def _padded(rows: int, cols: int, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -145,12 +157,13 @@ class GemmConv(nn.Module):
         out[-1].zero_()
         return out.relu_() if self.relu else out
 
-    def up(self, fp: torch.Tensor, down: DownMap) -> torch.Tensor:
-        """Inverse conv: every coarse row against all 8 taps, each fine row picks its own."""
-        n = down.slot.shape[0]
+    def up(self, fp: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Inverse conv: every coarse row against all 8 taps, each fine row picks its own
+        (`slot`: parent * 8 + tap, as in `DownMap`)."""
+        n = slot.shape[0]
         y = torch.mm(fp[:-1], self.weight).view(-1, self.cout)                   # (N_c * 8, out)
         out = _padded(n, self.cout, fp)
-        torch.index_select(y, 0, down.slot, out=out[:n]).add_(self.bias)
+        torch.index_select(y, 0, slot, out=out[:n]).add_(self.bias)
         return out.relu_() if self.relu else out
 
 
@@ -188,34 +201,54 @@ class GatherGemmUNet(nn.Module):
         """Rows per gathered chunk under the memory cap."""
         return max(1, self.max_gather_bytes // (taps * cin * torch.finfo(self.dtype).bits // 8))
 
+    def plan(self, idx: torch.Tensor, spatial_shape, rows=None) -> list[LevelMaps]:
+        """Every level's maps for voxel rows `idx` [b, x, y, z] (the host syncs are here).
+        `rows(n)`: the row count a level of n voxels is run with (default n); the maps'
+        "no voxel" index is that count (the padded matrices' zero row, `graphs.py`)."""
+        rows = rows or (lambda n: n)
+        shape = tuple(padded_shape(spatial_shape, self.stride))
+        maps = []
+        for level in range(len(self.down) + 1):
+            none = rows(idx.shape[0])
+            table = subm_map(idx, shape, none)
+            if level == len(self.down):
+                maps.append(LevelMaps(table))
+                break
+            dm = DownMap(idx, shape, none)
+            maps.append(LevelMaps(table, dm.table, dm.slot))
+            idx, shape = dm.idx, dm.shape
+        return maps
+
+    def run(self, f: torch.Tensor, maps: list[LevelMaps]) -> torch.Tensor:
+        """The convs: padded input features (rows + 1, C) in the model's dtype → padded final
+        features (rows + 1, w0). No host sync, fixed shapes for fixed map shapes (so a CUDA
+        graph can capture it)."""
+        f = self.stem.gather(f, maps[0].table, self._rows(27, f.shape[1]))
+        for blk in self.enc0:
+            f = blk(f, maps[0].table, self._rows(27, f.shape[1]))
+        skips = []
+        for level, (down, enc) in enumerate(zip(self.down, self.enc, strict=True)):
+            skips.append(f)
+            f = down.gather(f, maps[level].down_table, self._rows(8, f.shape[1]))
+            for blk in enc:
+                f = blk(f, maps[level + 1].table, self._rows(27, f.shape[1]))
+        for level in reversed(range(len(self.up))):
+            f = torch.cat([self.up[level].up(f, maps[level].slot), skips.pop()], dim=1)
+            for blk in self.dec[level]:
+                f = blk(f, maps[level].table, self._rows(27, f.shape[1]))
+        return f
+
+    def check_input(self, x) -> None:
+        if x.features.shape[1] != self.in_channels:
+            raise SparseADError(f"model input: expected {self.in_channels} feature channels, "
+                                f"found {x.features.shape[1]} (model.in_channels in the config)")
+
     @torch.inference_mode()
     def forward(self, x) -> SpUNetOutput:
+        self.check_input(x)
         feats = x.features
-        if feats.shape[1] != self.in_channels:
-            raise SparseADError(f"model input: expected {self.in_channels} feature channels, "
-                                f"found {feats.shape[1]} (model.in_channels in the config)")
-        idx = x.indices.long()
-        shape = tuple(padded_shape(x.spatial_shape, self.stride))
-        table = subm_map(idx, shape)
+        maps = self.plan(x.indices.long(), x.spatial_shape)
         f = _padded(feats.shape[0], feats.shape[1], feats, self.dtype)
         f[:-1] = feats
-        f = self.stem.gather(f, table, self._rows(27, feats.shape[1]))
-        for blk in self.enc0:
-            f = blk(f, table, self._rows(27, f.shape[1]))
-        skips, downs = [], []
-        for down, enc in zip(self.down, self.enc, strict=True):
-            skips.append((f, table))
-            dm = DownMap(idx, shape)
-            downs.append(dm)
-            f = down.gather(f, dm.table, self._rows(8, f.shape[1]))
-            idx, shape = dm.idx, dm.shape
-            table = subm_map(idx, shape)
-            for blk in enc:
-                f = blk(f, table, self._rows(27, f.shape[1]))
-        for up, dec in zip(reversed(self.up), reversed(self.dec), strict=True):
-            dm = downs.pop()
-            skip, table = skips.pop()
-            f = torch.cat([up.up(f, dm), skip], dim=1)
-            for blk in dec:
-                f = blk(f, table, self._rows(27, f.shape[1]))
+        f = self.run(f, maps)
         return heads(self.head, self.scene, f[:-1], x.indices[:, 0], x.batch_size)

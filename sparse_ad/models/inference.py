@@ -177,16 +177,23 @@ def fuse_for_inference(model: SpUNet | InferenceUNet, half: bool = False, engine
         engine = DEFAULT_ENGINE[next(model.parameters()).device.type]
     if engine not in INFERENCE_ENGINES:
         raise SparseADError(f"inference engine: expected one of {INFERENCE_ENGINES}, found {engine!r}")
+    device = next(model.parameters()).device
+    if engine == "gather_gemm_graphs" and device.type != "cuda":
+        raise SparseADError(f"inference engine gather_gemm_graphs replays CUDA graphs, and the model is on "
+                            f"{device.type}; use --engine gather_gemm or spconv there")
     fused = model if isinstance(model, InferenceUNet) else InferenceUNet(model, half=half)
-    if engine == "gather_gemm":
+    if engine.startswith("gather_gemm"):
         from sparse_ad.models.gather_gemm import GatherGemmUNet
+        from sparse_ad.models.graphs import GraphedGatherGemm
 
-        return GatherGemmUNet(fused)
+        net = GatherGemmUNet(fused)
+        return GraphedGatherGemm(net) if engine == "gather_gemm_graphs" else net
     return fused
 
 
 def is_inference_model(model: nn.Module) -> bool:
     """A folded model (either engine): it carries its own dtype, autocast is not for it."""
     from sparse_ad.models.gather_gemm import GatherGemmUNet
+    from sparse_ad.models.graphs import GraphedGatherGemm
 
-    return isinstance(model, (InferenceUNet, GatherGemmUNet))
+    return isinstance(model, (InferenceUNet, GatherGemmUNet, GraphedGatherGemm))

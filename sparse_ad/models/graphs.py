@@ -1,0 +1,121 @@
+"""The gather_gemm engine's convs replayed from CUDA graphs: one launch from the host per frame.
+
+Why: even as plain torch ops (`gather_gemm.py`) a forward is ~250 conv launches, each
+costing the host a few microseconds to issue, while the GPU's share is ~1.6 ms (README,
+H100 profile). A CUDA graph captures the launches once and replays them with one call.
+
+A graph has fixed shapes and addresses, a frame's voxel counts do not. So each level's row
+count is rounded up to a bucket (`bucket`: at most 1/8 more rows, eight sizes per octave),
+and per signature (the buckets of all levels) the convs are captured once over static
+buffers: the padded input features, every level's maps, the output. Per frame:
+
+    maps built eagerly (`GatherGemmUNet.plan`; its host syncs), "no voxel" = the bucket
+    maps and features copied into the first rows of the signature's buffers
+    the graph replayed; the heads run on the output's first N rows
+
+Rows past a frame's own count hold what an earlier frame of the same signature left there:
+they point only at rows of the same buckets, so they compute finite numbers that no real row
+reads (a real row reads real rows and the zero row). Off CUDA the same buffers are run
+eagerly, which is how the CPU tests check all of this (the capture itself needs a GPU).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from sparse_ad.models.gather_gemm import GatherGemmUNet, LevelMaps
+from sparse_ad.models.spunet import SpUNetOutput, heads
+
+
+def bucket(n: int) -> int:
+    """n rounded up to m * 2^k with m in [8, 16) (at least 64): at most 12.5% more rows."""
+    if n <= 64:
+        return 64
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step
+
+
+class _Signature:
+    """Static buffers of one bucket signature (row counts per level) and its graph."""
+
+    def __init__(self, rows: tuple[int, ...], channels: int, dtype: torch.dtype, device: torch.device):
+        def full(shape, value):
+            return torch.full(shape, value, dtype=torch.int64, device=device)
+
+        self.inp = torch.zeros((rows[0] + 1, channels), dtype=dtype, device=device)
+        self.maps = [LevelMaps(full((r, 27), r),
+                               full((rows[i + 1], 8), r) if i + 1 < len(rows) else None,
+                               full((r,), 0) if i + 1 < len(rows) else None)
+                     for i, r in enumerate(rows)]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+
+    def load(self, feats: torch.Tensor, maps: list[LevelMaps]) -> None:
+        """The frame's features and maps into the first rows of the buffers."""
+        self.inp[:feats.shape[0]].copy_(feats)
+        for dst, src in zip(self.maps, maps, strict=True):
+            dst.table[:src.table.shape[0]].copy_(src.table)
+            if src.down_table is not None:
+                dst.down_table[:src.down_table.shape[0]].copy_(src.down_table)
+                dst.slot[:src.slot.shape[0]].copy_(src.slot)
+
+
+class GraphedGatherGemm(nn.Module):
+    """`GatherGemmUNet` whose convs replay CUDA graphs, one per bucket signature (the
+    `max_graphs` most recently used are kept; all share one memory pool, as they never run
+    at the same time). Same input and output as the other engines."""
+
+    def __init__(self, net: GatherGemmUNet, max_graphs: int = 8):
+        super().__init__()
+        self.net = net
+        self.in_channels, self.stride, self.dtype = net.in_channels, net.stride, net.dtype
+        self.max_graphs = max_graphs
+        self._signatures: OrderedDict[tuple[int, ...], _Signature] = OrderedDict()
+        self._pool = None
+
+    def train(self, mode: bool = True):
+        self.net.train(mode)   # refuses mode=True
+        return super().train(False)
+
+    @property
+    def graphs(self) -> int:
+        """Signatures captured so far and still kept."""
+        return sum(s.graph is not None for s in self._signatures.values())
+
+    @torch.inference_mode()
+    def forward(self, x) -> SpUNetOutput:
+        self.net.check_input(x)
+        feats = x.features
+        maps = self.net.plan(x.indices.long(), x.spatial_shape, rows=bucket)
+        rows = tuple(bucket(m.table.shape[0]) for m in maps)
+        sig = self._signatures.pop(rows, None) or _Signature(rows, feats.shape[1], self.dtype, feats.device)
+        self._signatures[rows] = sig                        # most recently used last
+        while len(self._signatures) > self.max_graphs:
+            self._signatures.popitem(last=False)
+        sig.load(feats, maps)
+        if feats.device.type != "cuda":
+            out = self.net.run(sig.inp, sig.maps)
+        else:
+            if sig.graph is None:
+                self._capture(sig)
+            sig.graph.replay()
+            out = sig.out
+        return heads(self.net.head, self.net.scene, out[:feats.shape[0]], x.indices[:, 0], x.batch_size)
+
+    def _capture(self, sig: _Signature) -> None:
+        """Warm up on a side stream (cuBLAS handles, allocator), then capture `run`."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.net.run(sig.inp, sig.maps)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            sig.out = self.net.run(sig.inp, sig.maps)
+        sig.graph = graph
