@@ -26,6 +26,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from sparse_ad.errors import SparseADError
 from sparse_ad.models.gather_gemm import GatherGemmUNet, LevelMaps
 from sparse_ad.models.spunet import SpUNetOutput, heads
 
@@ -116,6 +117,10 @@ class GraphedGatherGemm(nn.Module):
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            sig.out = self.net.run(sig.inp, sig.maps)
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                sig.out = self.net.run(sig.inp, sig.maps)
+        except RuntimeError as e:
+            raise SparseADError(f"CUDA graph capture failed ({str(e).splitlines()[0]}); use the gather_gemm "
+                                "engine, which runs the same ops without a graph") from e
         sig.graph = graph
