@@ -73,6 +73,18 @@ def test_subm_map_finds_exactly_the_neighbours():
     assert (m[4] == 5).sum().item() == 26                 # the far corner: neighbours outside the box
 
 
+def test_coarse_levels_come_in_key_order():
+    """subm_map takes a coarse level's keys from DownMap unsorted-free: they must be that
+    level's rows' own framed keys, ascending."""
+    from sparse_ad.models.gather_gemm import DownMap, _framed_keys
+
+    x = _input(3, (16, 12, 8))
+    dm = DownMap(x.indices.long(), (16, 12, 8))
+    assert torch.equal(dm.keys, _framed_keys(dm.idx, dm.shape))
+    assert bool((dm.keys[1:] > dm.keys[:-1]).all())
+    assert torch.equal(subm_map(dm.idx, dm.shape, keys=dm.keys), subm_map(dm.idx, dm.shape))
+
+
 def test_inference_only_and_engines_are_named():
     model = SpUNet(6, 8, (8,)).eval()
     gemm = fuse_for_inference(model, engine="gather_gemm")

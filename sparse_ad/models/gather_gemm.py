@@ -16,8 +16,8 @@ Maps, for voxel rows `[b, x, y, z]` on a level whose box is `shape`:
 
 * submanifold 3x3x3 (`subm_map`): for each row and each of the 27 offsets d = k - 1 the row
   of the voxel at (x, y, z) + d, or N (the zero row) where there is none or it lies outside
-  the box. Built by sorting the level's linear keys once and one `searchsorted` of all N * 27
-  neighbour keys: no host sync.
+  the box. Built by sorting the level's linear keys once (a coarse level's come sorted from
+  its `torch.unique`) and one `searchsorted` of all N * 27 neighbour keys: no host sync.
 * stride-2 2x2x2 down (`DownMap`): a coarse voxel per occupied 2x2x2 cell (`torch.unique`,
   the one host sync of a level), each fine row's parent and its tap k = 4 (x & 1) + 2 (y & 1)
   + (z & 1); the down conv gathers a (N_coarse, 8) table of fine rows.
@@ -62,26 +62,37 @@ def _const(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64, device=device)
 
 
-def _framed_keys(idx: torch.Tensor, shape) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """Linear keys of rows [b, x, y, z] in the box framed by one empty cell on every side,
-    and the framed box's strides. In the frame, the key of a neighbour is the row's key plus
-    a constant per tap, and a neighbour outside the box is a frame cell that holds no voxel,
-    so no bounds check is needed."""
+def _framed_strides(shape) -> tuple[int, int, int, int]:
+    """Strides of [b, x, y, z] in the box `shape` framed by one empty cell on every side. In
+    the frame, the key of a neighbour is the row's key plus a constant per tap, and a
+    neighbour outside the box is a frame cell that holds no voxel, so no bounds check is
+    needed."""
     fy, fz = shape[1] + 2, shape[2] + 2
-    strides = ((shape[0] + 2) * fy * fz, fy * fz, fz, 1)
-    return (idx * _const(strides, idx.device)).sum(dim=1) + (strides[1] + strides[2] + 1), strides
+    return (shape[0] + 2) * fy * fz, fy * fz, fz, 1
 
 
-def subm_map(idx: torch.Tensor, shape, none: int | None = None) -> torch.Tensor:
+def _framed_keys(idx: torch.Tensor, shape) -> torch.Tensor:
+    """Linear keys of rows [b, x, y, z] in the framed box (`_framed_strides`)."""
+    strides = _framed_strides(shape)
+    return (idx * _const(strides, idx.device)).sum(dim=1) + (strides[1] + strides[2] + 1)
+
+
+def subm_map(idx: torch.Tensor, shape, none: int | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
     """(N, 27) int64: row of the neighbour at each 3x3x3 tap, `none` (default N) where there
-    is none."""
+    is none. `keys`: the rows' framed keys if the caller has them in ascending order (a
+    coarse level, from `DownMap`), which saves computing and sorting them."""
     n = idx.shape[0]
-    keys, (_, sx, sy, sz) = _framed_keys(idx, shape)
-    sorted_keys, order = torch.sort(keys)
-    deltas = _const(tuple(dx * sx + dy * sy + dz * sz for dx, dy, dz in _TAPS27), idx.device)
+    strides = _framed_strides(shape)
+    if keys is None:
+        keys = _framed_keys(idx, shape)
+        sorted_keys, order = torch.sort(keys)
+    else:
+        sorted_keys, order = keys, None
+    deltas = _const(tuple(dx * strides[1] + dy * strides[2] + dz for dx, dy, dz in _TAPS27), idx.device)
     qk = keys[:, None] + deltas                                                  # (N, 27)
     pos = torch.searchsorted(sorted_keys, qk).clamp_(max=n - 1)
-    return torch.where(torch.take(sorted_keys, pos) == qk, torch.take(order, pos), n if none is None else none)
+    found = pos if order is None else torch.take(order, pos)
+    return torch.where(torch.take(sorted_keys, pos) == qk, found, n if none is None else none)
 
 
 class DownMap:
@@ -93,7 +104,8 @@ class DownMap:
         n = idx.shape[0]
         self.shape = tuple(s // 2 for s in shape)
         half = idx // _const((1, 2, 2, 2), idx.device)                           # [b, x//2, y//2, z//2]
-        keys, parent = torch.unique(_framed_keys(half, self.shape)[0], return_inverse=True)   # host sync
+        keys, parent = torch.unique(_framed_keys(half, self.shape), return_inverse=True)   # host sync
+        self.keys = keys                  # ascending: the coarse level's framed keys, row by row
         self.n_coarse = keys.shape[0]
         tap = ((idx & 1) * _const((0, 4, 2, 1), idx.device)).sum(dim=1)          # (N,) in [0, 8)
         self.slot = parent * 8 + tap                                             # (N,) row of (N_c * 8)
@@ -207,16 +219,16 @@ class GatherGemmUNet(nn.Module):
         "no voxel" index is that count (the padded matrices' zero row, `graphs.py`)."""
         rows = rows or (lambda n: n)
         shape = tuple(padded_shape(spatial_shape, self.stride))
-        maps = []
+        maps, keys = [], None
         for level in range(len(self.down) + 1):
             none = rows(idx.shape[0])
-            table = subm_map(idx, shape, none)
+            table = subm_map(idx, shape, none, keys)
             if level == len(self.down):
                 maps.append(LevelMaps(table))
                 break
             dm = DownMap(idx, shape, none)
             maps.append(LevelMaps(table, dm.table, dm.slot))
-            idx, shape = dm.idx, dm.shape
+            idx, shape, keys = dm.idx, dm.shape, dm.keys
         return maps
 
     def run(self, f: torch.Tensor, maps: list[LevelMaps]) -> torch.Tensor:
