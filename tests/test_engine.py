@@ -44,6 +44,23 @@ def test_train_writes_checkpoints_metrics_and_resumes(trained, capsys):
     assert json.loads((run / "history.json").read_text()) == history
 
 
+@pytest.mark.parametrize("supervision,weight", [("scene", 1.0), ("voxel", 0.25)])
+def test_a_scene_term_is_logged_apart_from_the_voxel_term(tiny_split, tmp_path, monkeypatch, capsys,
+                                                          supervision, weight):
+    """With a scene head the epoch's loss is reported per term (their scales differ by ~100x
+    on real splits: README), and the terms add up to the total with the configured weight."""
+    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", *TINY, "train.epochs=1",
+                                            "model.scene_head=true", f"loss.supervision={supervision}",
+                                            f"loss.scene_weight={weight}"])
+    train(cfg, tmp_path / "run")
+    (entry,) = json.loads((tmp_path / "run" / "history.json").read_text())
+    parts = entry["train_loss_parts"]
+    assert set(parts) == {"voxel", "scene"} and min(parts.values()) > 0
+    assert entry["train_loss"] == pytest.approx(parts["voxel"] + weight * parts["scene"], rel=1e-5)
+    assert f"(voxel {parts['voxel']:.4f}, scene {parts['scene']:.4f})" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("section,best_epoch", [("anomalies_only", 1), ("normality_included", 2)])
 def test_best_checkpoint_follows_the_selected_validation_aupr(tiny_split, tmp_path, monkeypatch, section, best_epoch):
     """Validation AUPRs that disagree between sections (crafted): best.pt follows train.select_on."""

@@ -21,7 +21,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,15 @@ class StepStats:
     steps: int = 0
     skipped_steps: int = 0     # non-finite loss or gradients (AMP) — not trained on
     skipped_frames: int = 0    # frames that failed to load
+    parts: dict[str, float] = field(default_factory=dict)   # summed loss terms, when there are several
+
+    def add(self, loss: float, parts: dict[str, float]) -> None:
+        self.loss += loss
+        self.steps += 1
+        if len(parts) > 2:     # voxel + scene (+ total): worth telling apart
+            for k, v in parts.items():
+                if k != "total":
+                    self.parts[k] = self.parts.get(k, 0.0) + v
 
 
 class _StopFlag:
@@ -150,18 +159,19 @@ def _train_one(cfg, rt, state, sched, batch, stats, writer, bar) -> None:
     if len(batch) == 0:
         return
     vb = voxelize_batch(batch, rt.grid, rt.device)
-    loss, _ = _step(cfg, rt, state, vb)
+    loss, parts = _step(cfg, rt, state, vb)
     if loss is None:
         stats.skipped_steps += 1
         return
     sched.step()
-    stats.loss += loss
-    stats.steps += 1
+    stats.add(loss, parts)
     state.global_step += 1
     if state.ema is not None:
         state.ema.update(state.bare_model, state.global_step)
     if rt.is_main and state.global_step % cfg.train.log_every == 0 and writer:
         writer.add_scalar("train/loss", loss, state.global_step)
+        for k in stats.parts:
+            writer.add_scalar(f"train/loss_{k}", parts[k], state.global_step)
         writer.add_scalar("train/lr", sched.get_last_lr()[0], state.global_step)
     bar.set_postfix(loss=f"{loss:.4f}")
 
@@ -208,12 +218,16 @@ def _record_epoch(cfg, rt, run_dir, state, sched, epoch, stats, metrics, writer)
         state.best_score, state.best_epoch = score, epoch + 1
     entry = {"epoch": epoch + 1, "train_loss": stats.loss / max(stats.steps, 1),
              "skipped_steps": stats.skipped_steps, "skipped_frames": stats.skipped_frames, **metrics}
+    if stats.parts:   # the terms' scales differ by orders of magnitude (README: scene supervision)
+        entry["train_loss_parts"] = {k: v / max(stats.steps, 1) for k, v in stats.parts.items()}
     state.history.append(entry)
     if not rt.is_main:
         return
     alarm = metrics.get("collapse")
     na, ai, ob = metrics["normality_included"], metrics["anomalies_only"], metrics.get("objects", {})
-    _log(rt, f"epoch {epoch + 1}: loss {entry['train_loss']:.4f} | anomalies-only AUROC {_f(ai.get('auroc'))} "
+    terms = "".join(f", {k} {v:.4f}" for k, v in entry.get("train_loss_parts", {}).items())
+    _log(rt, f"epoch {epoch + 1}: loss {entry['train_loss']:.4f}" + (f" ({terms[2:]})" if terms else "")
+         + f" | anomalies-only AUROC {_f(ai.get('auroc'))} "
              f"AUPR {_f(ai.get('aupr'))} FPR95 {_f(ai.get('fpr95'))} | recall {_f(na.get('recall'))} "
              f"detections {na.get('detections')} positive rate {_f(na.get('positive_rate'), 5)}"
              + (f" | objects detected {ob['detected']}/{ob['objects']}" if ob.get("objects") else "")
@@ -231,6 +245,8 @@ def _record_epoch(cfg, rt, run_dir, state, sched, epoch, stats, metrics, writer)
         if ob.get("objects"):
             writer.add_scalar("val_objects/detected_fraction", ob["detected"] / ob["objects"], epoch + 1)
         writer.add_scalar("train/epoch_loss", entry["train_loss"], epoch + 1)
+        for k, v in entry.get("train_loss_parts", {}).items():
+            writer.add_scalar(f"train/epoch_loss_{k}", v, epoch + 1)
         writer.add_scalar("val/collapse", 1.0 if alarm else 0.0, epoch + 1)
         writer.flush()
     ckpt.save(run_dir / "last.pt", state, sched, epoch=epoch + 1, step_in_epoch=0, rt=rt)
