@@ -59,6 +59,21 @@ def write_scenario(root: Path, sid: str, frames: list[int], anomaly: bool, setup
     return sc
 
 
+def random_voxels(seed: int, shape, per_frame: int, batch_size: int = 1, channels: int = 6):
+    """A sparse tensor of `per_frame` distinct random voxels per frame in the box `shape`,
+    standard-normal features; deterministic in `seed`."""
+    from sparse_ad.models.sparse_tensor import to_sparse_tensor
+
+    rng = np.random.default_rng(seed)
+    coords, batch = [], []
+    for b in range(batch_size):
+        keys = rng.choice(int(np.prod(shape)), per_frame, replace=False)
+        coords.append(np.stack(np.unravel_index(keys, shape), axis=1))
+        batch.append(np.full(per_frame, b))
+    feats = rng.standard_normal((batch_size * per_frame, channels)).astype(np.float32)
+    return to_sparse_tensor(feats, np.concatenate(coords), np.concatenate(batch), shape, batch_size)
+
+
 @pytest.fixture
 def tiny_split(tmp_path) -> Path:
     root = tmp_path / "split"

@@ -15,19 +15,12 @@ from sparse_ad.models import graphs
 from sparse_ad.models.gather_gemm import GatherGemmUNet
 from sparse_ad.models.graphs import GraphedGatherGemm, bucket
 from sparse_ad.models.inference import fuse_for_inference, is_inference_model
-from sparse_ad.models.sparse_tensor import to_sparse_tensor
 from sparse_ad.models.spunet import SpUNet
+from tests.conftest import random_voxels
 
 
-def _frame(seed, shape=(16, 12, 8), voxels=120, batch_size=1, channels=6):
-    rng = np.random.default_rng(seed)
-    coords, batch = [], []
-    for b in range(batch_size):
-        keys = rng.choice(int(np.prod(shape)), voxels, replace=False)
-        coords.append(np.stack(np.unravel_index(keys, shape), axis=1))
-        batch.append(np.full(voxels, b))
-    feats = rng.standard_normal((voxels * batch_size, channels)).astype(np.float32)
-    return to_sparse_tensor(feats, np.concatenate(coords), np.concatenate(batch), shape, batch_size)
+def _frame(seed, shape=(16, 12, 8), voxels=120, batch_size=1):
+    return random_voxels(seed, shape, voxels, batch_size)
 
 
 def _nets(randomize_bn, blocks=1, scene=True, channels=(8, 16, 24)):

@@ -1,26 +1,18 @@
 """The BN-folded inference model against the unfolded eval model (CPU, Native algorithm)."""
 
-import numpy as np
 import pytest
 import torch
 
 from sparse_ad.errors import SparseADError
 from sparse_ad.models.inference import InferenceUNet, fuse_for_inference
-from sparse_ad.models.sparse_tensor import to_sparse_tensor
 from sparse_ad.models.spunet import SpUNet
+from tests.conftest import random_voxels
 
 SHAPE = (9, 10, 11)
 
 
-def _input(seed, batch_size=2, per_frame=150, channels=6):
-    rng = np.random.default_rng(seed)
-    coords, batch = [], []
-    for b in range(batch_size):
-        keys = rng.choice(int(np.prod(SHAPE)), per_frame, replace=False)
-        coords.append(np.stack(np.unravel_index(keys, SHAPE), axis=1))
-        batch.append(np.full(per_frame, b))
-    feats = rng.standard_normal((batch_size * per_frame, channels)).astype(np.float32)
-    return to_sparse_tensor(feats, np.concatenate(coords), np.concatenate(batch), SHAPE, batch_size)
+def _input(seed, batch_size=2, per_frame=150):
+    return random_voxels(seed, SHAPE, per_frame, batch_size)
 
 
 def _rel(a, b):
