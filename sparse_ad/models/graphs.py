@@ -118,7 +118,8 @@ class GraphedGatherGemm(nn.Module):
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: CUDA calls of other threads (a loader's pin-memory thread) may go on
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 sig.out = self.net.run(sig.inp, sig.maps)
         except RuntimeError as e:
             raise SparseADError(f"CUDA graph capture failed ({str(e).splitlines()[0]}); use the gather_gemm "
