@@ -43,7 +43,7 @@ def _batch(points: int, batch_size: int, seed: int) -> Batch:
         pts.append(p)
         tgts.append(t)
     return Batch(list(range(batch_size)), [f"bench/{b}" for b in range(batch_size)], pts, tgts,
-                 [True] * batch_size, [True] * batch_size)
+                 [True] * batch_size)
 
 
 def bench_model(config: str | None = None, overrides=(), points: int = 120_000, batch_size: int = 4,
@@ -80,7 +80,7 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         scaler.step(opt)
         scaler.update()
 
-    one = Batch([0], ["bench/0"], batch.points[:1], batch.point_targets[:1], [True], [True])
+    one = Batch([0], ["bench/0"], batch.points[:1], batch.point_targets[:1], [True])
 
     def infer_unfused():   # the eval path before BN folding: SpUNet under autocast
         model.eval()

@@ -50,7 +50,8 @@ class TransformConfig:
 @dataclass
 class DataConfig:
     root: str = ""                 # AnoVox split root; empty = synthetic demo split in cache
-    sensor: str = "LIDAR"          # input modality: LIDAR or SEMANTIC-LIDAR
+    sensor: str = "LIDAR"          # the point modality the model reads: LIDAR (SEMANTIC-LIDAR's 4th
+    #                                column is the label; check-alignment and voxelize-gt read it)
     val_fraction: float = 0.25     # share of scenarios held out (scenario-level split)
     split_seed: int = 0
     max_frames: int = 0            # 0 = all frames

@@ -33,7 +33,7 @@ class Targets:
     voxel_targets: torch.Tensor   # (M,) float 1 anomaly / 0 normal (any value where not valid)
     valid: torch.Tensor           # (M,) bool: voxel is scored (in GT, not ignored)
     batch_index: torch.Tensor     # (M,) int frame of each voxel, in [0, B)
-    frame_labels: torch.Tensor    # (B,) float 1 iff the frame's GT holds anomaly voxels
+    frame_labels: torch.Tensor    # (B,) float 1 iff the frame's LiDAR hits anomaly voxels of its GT
 
 
 def class_balanced_weights(counts: Sequence[int], beta: float) -> torch.Tensor:

@@ -31,7 +31,7 @@ FLAT_TAGS = (ROAD, SIDEWALK, TERRAIN, ROAD_LINE, GROUND)
 """Surfaces that look alike a few metres on: `check-alignment` leaves them out of the sweep check."""
 
 DEFAULT_ANOMALY_TAGS = (29, 30, 31, 32, 33, 34, 100)
-DEFAULT_IGNORE_TAGS = (112, 113, 114, 115, 116, 118, 119, 214)
+DEFAULT_IGNORE_TAGS = (112, 113, 114, 115, 116, 117, 118, 119, 214)
 
 MAX_TAG = 65535
 """Tags are stored as uint16 in VOXEL_GRID files; lookup tables cover 0..MAX_TAG."""

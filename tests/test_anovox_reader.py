@@ -129,13 +129,20 @@ def test_semantic_pcd_with_cityscapes_colours(tmp_path):
     assert np.allclose(pts[:, :3], xyz)
 
 
-def test_duplicate_frame_ids_are_dropped_with_a_warning(tiny_split):
+def test_frame_ids_are_plain_integers_others_are_skipped_with_a_warning(tiny_split):
+    """`_0100` or `_¹` would name a frame whose files the readers (which rebuild names from
+    the integer) cannot find: skipped at discovery with a warning, never a crash later."""
     sc = sorted(tiny_split.glob("Scenario_*"))[0]
     src = sc / MONO / f"{MONO}_100.npy"
-    (sc / MONO / f"{MONO}_0100.npy").write_bytes(src.read_bytes())
-    with pytest.warns(UserWarning, match="more than one file name"):
+    (sc / MONO / f"{MONO}_0100.npy").write_bytes(src.read_bytes())        # beside the real one
+    (sc / MONO / f"{MONO}_101.npy").rename(sc / MONO / f"{MONO}_0101.npy")   # instead of it
+    (sc / MONO / f"{MONO}_\u00b9.npy").write_bytes(src.read_bytes())
+    with pytest.warns(UserWarning, match="leading zero or non-ASCII digits and are skipped.*rename"):
         split = open_split(tiny_split)
-    assert 100 not in [f.frame for f in split.frames if f.scenario.path == sc]
+    frames = [f for f in split.frames if f.scenario.path == sc]
+    assert [f.frame for f in frames] == [100, 102]
+    for ref in frames:
+        load_frame(ref, "LIDAR")
 
 
 def test_non_utf8_folder_names_do_not_break_discovery(tiny_split):

@@ -166,9 +166,10 @@ def open_split(root: str | Path, sensor_type: str | None = "LIDAR", need_gt: boo
 
 
 def _frames_in(folder: Path, prefix: str, ending: str) -> set[int]:
-    """Frame ids of `<prefix><frame><ending>` files. Two files with the same id (e.g.
-    `_0100` and `_100`) are ambiguous: that frame is dropped with a warning."""
-    frames, duplicates = set(), set()
+    """Frame ids of `<prefix><frame><ending>` files, `<frame>` written as AnoVox writes it:
+    ASCII digits, no leading zero (the readers rebuild file names from the integer). Other
+    names with a frame-like middle (`_0100`, non-ASCII digits) are skipped with a warning."""
+    frames, odd = set(), []
     try:
         names = [p.name for p in folder.iterdir()]
     except OSError:
@@ -176,12 +177,15 @@ def _frames_in(folder: Path, prefix: str, ending: str) -> set[int]:
     for name in names:
         if name.startswith(prefix) and name.endswith(ending):
             middle = name[len(prefix):len(name) - len(ending)]
-            if middle.isdigit():
-                (duplicates if int(middle) in frames else frames).add(int(middle))
-    if duplicates:
-        warnings.warn(f"{folder}: frame id(s) {sorted(duplicates)[:5]} appear in more than one file name; "
-                      "those frames are skipped — remove the extra files", stacklevel=3)
-    return frames - duplicates
+            if middle.isascii() and middle.isdigit() and str(int(middle)) == middle:
+                frames.add(int(middle))
+            elif middle.isdigit():
+                odd.append(name)
+    if odd:
+        warnings.warn(f"{folder}: {len(odd)} file(s) such as {sorted(odd)[0]} have a frame id with a leading zero "
+                      "or non-ASCII digits and are skipped; AnoVox names frames as plain integers "
+                      "(e.g. _100) — rename them", stacklevel=3)
+    return frames
 
 
 def _open_scenario(folder: Path) -> Scenario:

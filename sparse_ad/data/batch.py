@@ -29,7 +29,6 @@ class Batch:
     names: list[str]
     points: list[np.ndarray]          # per frame (N_i, 4 or 5) float64: x, y, z, intensity[, sweep lag]
     point_targets: list[np.ndarray]   # per frame (N_i,) int8
-    gt_has_anomaly: list[bool]
     lidar_sees_anomaly: list[bool]
     skipped: list[str] = field(default_factory=list)
 
@@ -40,8 +39,7 @@ class Batch:
 def collate(items: list[Sample | SparseADError]) -> Batch:
     samples = [s for s in items if isinstance(s, Sample)]
     return Batch([s.index for s in samples], [s.name for s in samples], [s.points for s in samples],
-                 [s.point_targets for s in samples], [s.gt_has_anomaly for s in samples],
-                 [s.lidar_sees_anomaly for s in samples],
+                 [s.point_targets for s in samples], [s.lidar_sees_anomaly for s in samples],
                  skipped=[str(e) for e in items if isinstance(e, SparseADError)])
 
 
@@ -55,7 +53,7 @@ class VoxelBatch:
     features: torch.Tensor      # (M, F) float32 model input
     targets: torch.Tensor       # (M,) float32 1 anomaly / 0 normal (meaningless where not valid)
     valid: torch.Tensor         # (M,) bool: voxel is scored (in GT, not ignored)
-    frame_labels: torch.Tensor  # (B,) float32: 1 if the frame's GT holds anomaly voxels
+    frame_labels: torch.Tensor  # (B,) float32: 1 if the frame's LiDAR hits anomaly voxels of its GT
     offsets: list[int]          # (B+1,) row offsets per frame
     names: list[str]
 
@@ -87,5 +85,6 @@ def voxelize_batch(batch: Batch, grid: VoxelGrid, device: torch.device) -> Voxel
     features, coords, keys, is_anomaly, valid, batch_index = (torch.cat(t) for t in zip(*parts, strict=True))
     return VoxelBatch(coords=coords.int(), batch_index=batch_index, keys=keys, features=features,
                       targets=is_anomaly.float(), valid=valid,
-                      frame_labels=torch.tensor(batch.gt_has_anomaly, dtype=torch.float32, device=device),
+                      # what the input can show: an anomaly only the camera saw is not a positive bag
+                      frame_labels=torch.tensor(batch.lidar_sees_anomaly, dtype=torch.float32, device=device),
                       offsets=offsets, names=list(batch.names))

@@ -23,7 +23,7 @@ from sparse_ad.data.in_flight import InFlight
 from sparse_ad.data.labels import ANOMALY, GroundTruth, target_table
 from sparse_ad.data.per_point import add_xyz, finite_rows, point_targets, rotate_flip_scale
 from sparse_ad.data.sweeps import check_sweeps, stacked_grid_points
-from sparse_ad.errors import SparseADError
+from sparse_ad.errors import ConfigError, SparseADError
 
 
 @dataclass
@@ -34,8 +34,7 @@ class Sample:
     name: str                  # "<scenario id>/<frame>"
     points: np.ndarray         # (N, 4) float64: grid-frame x, y, z, intensity (+ sweep lag: (N, 5))
     point_targets: np.ndarray  # (N,) int8: 1 anomaly, 0 normal, -1 ignore / not in GT
-    gt_has_anomaly: bool       # the frame's VOXEL_GRID holds anomaly voxels
-    lidar_sees_anomaly: bool   # ... and the LiDAR hits at least one of them
+    lidar_sees_anomaly: bool   # a LiDAR point lies in an anomaly voxel of the frame's GT
 
 
 def augment(points: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
@@ -59,6 +58,10 @@ class FrameDataset:
     def __init__(self, frames: list[FrameRef], cfg: Config, train: bool):
         from sparse_ad.models.spunet import check_input_channels
 
+        if cfg.data.sensor != "LIDAR":   # SEMANTIC-LIDAR's 4th column would reach the model as intensity
+            raise ConfigError(f"data.sensor={cfg.data.sensor}: the model reads LIDAR sweeps (x, y, z, "
+                              "intensity); a SEMANTIC-LIDAR sweep's 4th column is the semantic tag, i.e. the "
+                              "label; set data.sensor=LIDAR")
         check_sweeps(cfg.data.sweeps)
         check_input_channels(cfg.model.in_channels, cfg.data.sweeps)
         self.frames = frames
@@ -105,11 +108,10 @@ class FrameDataset:
             gt = GroundTruth(np.zeros(0, np.int64), np.zeros(0, np.int64))
         points = finite_rows(points)
         targets = point_targets(points, gt.keys, gt.tags, self.grid, self.lut)
-        gt_has_anomaly = bool((self.lut[gt.tags] == ANOMALY).any()) if len(gt.tags) else False
         if self.train and self.cfg.augment.enabled:
             rng = np.random.default_rng([self.cfg.train.seed, self.epoch, index])
             points = augment(points, self.cfg.augment, rng)
-        return Sample(index, ref.name, points, targets, gt_has_anomaly, bool((targets == ANOMALY).any()))
+        return Sample(index, ref.name, points, targets, bool((targets == ANOMALY).any()))
 
 
 def split_scenarios(frames: list[FrameRef], val_fraction: float, seed: int,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparse_ad.errors import SparseADError
+from sparse_ad.errors import ConfigError, SparseADError
 from sparse_ad.grid import VoxelGrid
 from sparse_ad.tags import DEFAULT_ANOMALY_TAGS, DEFAULT_IGNORE_TAGS, MAX_TAG
 
@@ -24,6 +24,10 @@ ANOMALY, NORMAL, IGNORE = 1, 0, -1
 
 def target_table(anomaly_tags=DEFAULT_ANOMALY_TAGS, ignore_tags=DEFAULT_IGNORE_TAGS) -> np.ndarray:
     """(MAX_TAG + 1,) int8 lookup: tag → 1 anomaly / 0 normal / -1 ignore."""
+    bad = sorted(t for t in (*anomaly_tags, *ignore_tags) if not 0 <= t <= MAX_TAG)
+    if bad:   # a negative tag would index the table from its end
+        raise ConfigError(f"labels: tag(s) {bad} outside 0..{MAX_TAG} (VOXEL_GRID stores tags as uint16); "
+                          "fix labels.anomaly_tags / labels.ignore_tags")
     both = set(anomaly_tags) & set(ignore_tags)
     if both:
         raise SparseADError(f"tags {sorted(both)} are both anomaly and ignore tags; pick one in the config")
