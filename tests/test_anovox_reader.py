@@ -101,6 +101,25 @@ def test_wrong_shape_and_dtype(tmp_path):
         load_points(tmp_path / "c.npy", semantic=True)
 
 
+@pytest.mark.parametrize("xyz_type,rgb_type", [(np.float32, np.uint32), (np.float64, np.float32)])
+def test_semantic_pcd_rgb_is_read_in_its_own_type(tmp_path, xyz_type, rgb_type):
+    """rgb as uint32, or float32 beside float64 xyz: numpy() would cast all fields to one type."""
+    from pypcd4 import PointCloud
+    from pypcd4.pypcd4 import MetaData
+
+    fields, types = ("x", "y", "z", "rgb"), (xyz_type,) * 3 + (rgb_type,)
+    data = np.empty(2, dtype=list(zip(fields, types, strict=True)))
+    data["x"], data["y"], data["z"] = [1, 4], [2, 5], [3, 6]
+    packed = PointCloud.encode_rgb(np.array([[245, 0, 0], [128, 64, 128]], np.uint8)).view(np.uint32)
+    data["rgb"] = packed.view(rgb_type)   # the same bits either way
+    meta = MetaData.model_validate({"fields": fields, "size": [np.dtype(t).itemsize for t in types],
+                                    "type": [np.dtype(t).kind.upper() for t in types], "count": [1] * 4,
+                                    "points": 2, "width": 2})
+    PointCloud(meta, data).save(tmp_path / "s.pcd")
+    pts = load_points(tmp_path / "s.pcd", semantic=True)
+    assert pts[:, 3].tolist() == [29, 1] and pts[:, :3].tolist() == [[1, 2, 3], [4, 5, 6]]
+
+
 def test_csv_parsing(tmp_path):
     p = tmp_path / "A.csv"
     p.write_text("anomaly_is_alive ; False\nspeed ; 3.5\nname ; some text ; with separator\n"

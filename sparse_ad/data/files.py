@@ -68,12 +68,24 @@ def _load_pcd(path: Path, semantic: bool) -> np.ndarray:
     elif "tag" in col or "label" in col or "ObjTag" in col:
         extra = arr[:, col.get("tag", col.get("label", col.get("ObjTag")))]
     elif "rgb" in col:
-        extra = _colors_to_tags(PointCloud.decode_rgb(arr[:, col["rgb"]]), path)
+        extra = _colors_to_tags(PointCloud.decode_rgb(_packed_rgb(pc.pc_data["rgb"], path)), path)
     elif {"r", "g", "b"} <= set(col):
         extra = _colors_to_tags(arr[:, [col["r"], col["g"], col["b"]]], path)
     else:
         raise SparseADError(f"{path}: semantic PCD has fields {fields}; needs a tag/label or rgb field")
     return np.concatenate([xyz, np.asarray(extra, np.float64)[:, None]], axis=1).astype(np.float32)
+
+
+def _packed_rgb(field: np.ndarray, path: Path) -> np.ndarray:
+    """The PCD `rgb` field as packed uint32 0x00RRGGBB, read in its own type: PCL writes it
+    as float32 bits, other tools as uint32 (`numpy()` would have cast it with the others)."""
+    field = np.ascontiguousarray(field)
+    if field.dtype == np.float32:
+        return field.view(np.uint32)
+    if field.dtype.kind in "iu" and field.dtype.itemsize == 4:
+        return field.astype(np.uint32)
+    raise SparseADError(f"{path}: PCD field rgb has type {field.dtype}; expected packed colours as float32 "
+                        "or uint32 (re-export it)")
 
 
 def _colors_to_tags(rgb: np.ndarray, path: Path) -> np.ndarray:
