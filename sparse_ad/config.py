@@ -29,7 +29,14 @@ class GridConfig:
     offset: tuple[float, float, float] = ANOVOX_OFFSET
 
     def build(self) -> VoxelGrid:
-        return VoxelGrid(self.resolution, tuple(self.shape), tuple(self.offset))
+        grid = VoxelGrid(self.resolution, tuple(self.shape), tuple(self.offset))
+        if grid.resolution != ANOVOX_RESOLUTION and grid.shape == ANOVOX_SHAPE:
+            # a resolution alone would shrink the box; the GT (`voxelize-gt --resolution`) keeps it
+            same_box = VoxelGrid().with_resolution(grid.resolution).shape
+            raise ConfigError(f"grid.resolution={grid.resolution} with AnoVox's grid.shape {list(grid.shape)} "
+                              f"covers {[round(e, 3) for e in grid.extent]} m, not its 500 x 500 x 32 m box; "
+                              f"set grid.shape={list(same_box)} too")
+        return grid
 
 
 @dataclass

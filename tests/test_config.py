@@ -86,3 +86,11 @@ def test_synthetic_splits_with_braking_get_their_own_cache_folder(tmp_path, monk
     braking = resolve_data_root(load_config(None, ["data.synth_seed=3", "data.synth_braking_share=0.5"]))
     assert plain.name == "synth_s8_f10_a0.6_seed3"          # as before braking existed: caches stay valid
     assert braking != plain and written == [(plain.name, 0.0), (braking.name, 0.5)]
+
+
+def test_a_resolution_without_its_shape_is_refused():
+    """0.25 m on (1000, 1000, 64) would silently shrink the box to 250 x 250 x 16 m."""
+    with pytest.raises(ConfigError, match=r"grid.resolution=0.25 .*set grid.shape=\[2000, 2000, 128\] too"):
+        load_config(None, ["grid.resolution=0.25"]).grid.build()
+    grid = load_config(None, ["grid.resolution=0.25", "grid.shape=[2000,2000,128]"]).grid.build()
+    assert grid.extent == (500.0, 500.0, 32.0)
