@@ -89,6 +89,18 @@ def test_select_on_must_name_a_section(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_eval_holds_out_the_frames_validation_held_out_with_max_frames(tiny_split, tmp_path, monkeypatch):
+    """data.max_frames cuts the split before it is divided: eval must divide the same cut,
+    or training scenarios would be scored as held-out."""
+    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", *TINY, "train.epochs=1",
+                                            "data.max_frames=7"])
+    train(cfg, tmp_path / "run")
+    (entry,) = json.loads((tmp_path / "run" / "history.json").read_text())
+    result = evaluate_checkpoint(tmp_path / "run" / "best.pt", tmp_path / "eval", progress=False)
+    assert result["frames"] == entry["frames"] == 3
+
+
 def test_predict_then_eval_preds_equals_eval(trained, tmp_path):
     cfg, run, _ = trained
     ev = evaluate_checkpoint(run / "best.pt", tmp_path / "eval", all_frames=True, progress=False)

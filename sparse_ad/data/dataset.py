@@ -114,6 +114,16 @@ class FrameDataset:
         return Sample(index, ref.name, points, targets, bool((targets == ANOMALY).any()))
 
 
+def train_val_frames(frames: list[FrameRef], cfg: Config) -> tuple[list[FrameRef], list[FrameRef]]:
+    """A run's training and validation frames: the first `data.max_frames` (if set) of the
+    split, divided by scenario. Training, eval and the demo all take them from here, so
+    "held-out" names the same frames everywhere."""
+    if cfg.data.max_frames:
+        frames = frames[:cfg.data.max_frames]
+    return split_scenarios(frames, cfg.data.val_fraction, cfg.data.split_seed,
+                           (cfg.labels.anomaly_tags, cfg.labels.ignore_tags))
+
+
 def split_scenarios(frames: list[FrameRef], val_fraction: float, seed: int,
                     label_sets: tuple = ()) -> tuple[list[FrameRef], list[FrameRef]]:
     """Scenario-level train/val split: no frame of a validation scenario is trained on.

@@ -34,7 +34,7 @@ def _bev_of_one_frame(run_dir: Path) -> Path | None:
     import torch
 
     from sparse_ad.data.anovox import open_split
-    from sparse_ad.data.dataset import split_scenarios
+    from sparse_ad.data.dataset import train_val_frames
     from sparse_ad.data.files import load_voxel_grid
     from sparse_ad.data.labels import ANOMALY, target_table
     from sparse_ad.engine.evaluate import load_checkpoint_model, predict_frames
@@ -43,8 +43,7 @@ def _bev_of_one_frame(run_dir: Path) -> Path | None:
 
     model, cfg, ck = load_checkpoint_model(run_dir / "best.pt", torch.device("cpu"))
     split = open_split(resolve_data_root(cfg), cfg.data.sensor)
-    _, val = split_scenarios(split.frames, cfg.data.val_fraction, cfg.data.split_seed,
-                             (cfg.labels.anomaly_tags, cfg.labels.ignore_tags))
+    _, val = train_val_frames(split.frames, cfg)
     lut = target_table(cfg.labels.anomaly_tags, cfg.labels.ignore_tags)
     counts = [int((lut[load_voxel_grid(r.scenario.voxel_grid_file(r.frame))[:, 3]] == ANOMALY).sum()) for r in val]
     if not counts or max(counts) == 0:

@@ -180,7 +180,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, a
                         scoring: Scoring = Scoring()) -> dict:
     """Run a checkpoint on the held-out scenarios (or every frame) and score it (exact, or
     binned with flat memory when `histogram_bins` > 0), as `scoring` says."""
-    from sparse_ad.data.dataset import split_scenarios
+    from sparse_ad.data.dataset import train_val_frames
     from sparse_ad.engine.runtime import pick_device
     from sparse_ad.plots import plot_curves
 
@@ -193,8 +193,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, a
     split = open_split(resolve_data_root(cfg), cfg.data.sensor, need_gt=True)
     refs = split.frames
     if not all_frames:
-        _, refs = split_scenarios(refs, cfg.data.val_fraction, cfg.data.split_seed,
-                                  (cfg.labels.anomaly_tags, cfg.labels.ignore_tags))
+        _, refs = train_val_frames(refs, cfg)
     grid = cfg.grid.build()
     lut = target_table(cfg.labels.anomaly_tags, cfg.labels.ignore_tags)
     acc = ProtocolAccumulator(histogram_bins=histogram_bins)

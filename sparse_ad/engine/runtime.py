@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from sparse_ad.config import Config
-from sparse_ad.data.dataset import FrameDataset, split_scenarios
+from sparse_ad.data.dataset import FrameDataset, train_val_frames
 from sparse_ad.errors import ConfigError, SparseADError
 from sparse_ad.grid import VoxelGrid
 
@@ -142,11 +142,7 @@ def datasets(cfg: Config) -> tuple[FrameDataset, FrameDataset]:
     from sparse_ad.data.anovox import open_split
 
     split = open_split(resolve_data_root(cfg), cfg.data.sensor, need_gt=True)
-    frames = split.frames
-    if cfg.data.max_frames:
-        frames = frames[: cfg.data.max_frames]
-    train, val = split_scenarios(frames, cfg.data.val_fraction, cfg.data.split_seed,
-                                 (cfg.labels.anomaly_tags, cfg.labels.ignore_tags))
+    train, val = train_val_frames(split.frames, cfg)
     return FrameDataset(train, cfg, train=True), FrameDataset(val, cfg, train=False)
 
 
