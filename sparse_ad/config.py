@@ -253,7 +253,35 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.epochs=5)")
         key, raw = item.split("=", 1)
         _set_override(tree, key.strip(), raw.strip())
-    return _from_dict(Config, tree, "")
+    cfg = _from_dict(Config, tree, "")
+    check_ranges(cfg)
+    return cfg
+
+
+_RANGES = {   # key: (lowest, highest, whether the ends are allowed); the rest are checked where used
+    "train.epochs": (1, None, True), "train.batch_size": (1, None, True), "train.log_every": (1, None, True),
+    "train.max_minutes": (0, None, True), "train.cpu_threads": (0, None, True), "train.ema_decay": (0, 1, False),
+    "data.num_workers": (0, None, True), "data.max_frames": (0, None, True), "data.val_fraction": (0, 1, False),
+    "data.max_skip_fraction": (0, 1, True), "optim.lr": (0, None, False), "optim.weight_decay": (0, None, True),
+    "optim.grad_clip": (0, None, True),
+}
+
+
+def check_ranges(cfg: Config) -> None:
+    """Numbers that torch or the DataLoader would reject with a traceback, or accept and
+    misbehave on (a 0 validation share still holds one scenario out), as one-line errors."""
+    for key, (lo, hi, closed) in _RANGES.items():
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if key == "train.ema_decay" and v == 0:   # 0 = off
+            continue
+        below = v < lo if closed else v <= lo
+        above = hi is not None and (v > hi if closed else v >= hi)
+        if below or above:
+            bounds = (f"[{lo}, {hi}]" if closed else f"({lo}, {hi})") if hi is not None else \
+                (f">= {lo}" if closed else f"> {lo}")
+            bounds = "0 (off) or " + bounds if key == "train.ema_decay" else bounds
+            raise ConfigError(f"{key}: expected {bounds}, found {v}")
 
 
 def _read_yaml(path: Path, depth: int = 0) -> dict:

@@ -23,8 +23,12 @@ from sparse_ad.errors import SparseADError
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Call `write(f)` on a temp file beside `path`, fsync, then rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise SparseADError(f"{path}: could not create it in {path.parent} ({e.strerror or e}); pick a "
+                            "writable folder") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

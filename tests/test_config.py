@@ -94,3 +94,21 @@ def test_a_resolution_without_its_shape_is_refused():
         load_config(None, ["grid.resolution=0.25"]).grid.build()
     grid = load_config(None, ["grid.resolution=0.25", "grid.shape=[2000,2000,128]"]).grid.build()
     assert grid.extent == (500.0, 500.0, 32.0)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.log_every=0", "train.log_every: expected >= 1"), ("train.batch_size=0", "train.batch_size: expected >= 1"),
+    ("data.num_workers=-1", "data.num_workers: expected >= 0"), ("data.val_fraction=0", r"expected \(0, 1\)"),
+    ("train.ema_decay=1.0", r"0 \(off\) or \(0, 1\)"), ("optim.lr=0", "optim.lr: expected > 0")])
+def test_out_of_range_numbers_are_one_line_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/demo.yaml", [override])
+
+
+def test_an_unwritable_run_dir_is_a_one_line_error(tmp_path, capsys):
+    from sparse_ad.cli import main
+
+    (tmp_path / "file").write_text("")
+    rc = main(["train", "--config", "configs/demo.yaml", "--run-dir", str(tmp_path / "file" / "run")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "cannot create the run directory" in err and "Traceback" not in err

@@ -160,7 +160,11 @@ def setup_runtime(cfg: Config, run_dir: Path) -> Runtime:
     if device.type == "cpu" and cfg.train.cpu_threads > 0:
         # spconv's CPU kernels are many small GEMMs: extra threads mostly add contention
         torch.set_num_threads(cfg.train.cpu_threads)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SparseADError(f"{run_dir}: cannot create the run directory ({e.strerror or e}); pick a writable "
+                            "--run-dir") from None
     train_set, val_set = datasets(cfg)
     rt = Runtime(device=device, grid=cfg.grid.build(), amp=cfg.train.amp and device.type == "cuda",
                  rank=rank, world_size=world, train_set=train_set, val_set=val_set, cfg=cfg,
