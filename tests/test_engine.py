@@ -44,6 +44,20 @@ def test_train_writes_checkpoints_metrics_and_resumes(trained, capsys):
     assert json.loads((run / "history.json").read_text()) == history
 
 
+def test_resuming_under_other_settings_is_refused_naming_them(trained, tmp_path):
+    """More epochs would hand the finished one-cycle schedule steps it does not have; how the
+    machine runs it (workers, log interval, device) may change."""
+    from sparse_ad.errors import ConfigError
+
+    cfg, run, _ = trained
+    more = load_config("configs/demo.yaml", [f"data.root={cfg.data.root}", *TINY, "train.epochs=3", "optim.lr=0.01"])
+    with pytest.raises(ConfigError, match=r"last.pt: this run was started with optim.lr=0.003 \(now 0.01\), "
+                                          r"train.epochs=2 \(now 3\); resume it with its own settings"):
+        train(more, run)
+    same = load_config("configs/demo.yaml", [f"data.root={cfg.data.root}", *TINY, "train.log_every=1"])
+    train(same, run)   # nothing left to do, no error
+
+
 @pytest.mark.parametrize("supervision,weight", [("scene", 1.0), ("voxel", 0.25)])
 def test_a_scene_term_is_logged_apart_from_the_voxel_term(tiny_split, tmp_path, monkeypatch, capsys,
                                                           supervision, weight):

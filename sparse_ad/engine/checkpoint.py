@@ -22,7 +22,7 @@ import torch
 from sparse_ad import __version__
 from sparse_ad.config import Config, config_to_dict
 from sparse_ad.engine.ema import WeightAverage
-from sparse_ad.errors import SparseADError
+from sparse_ad.errors import ConfigError, SparseADError
 from sparse_ad.io import atomic_write, atomic_write_text
 
 FORMAT = 1
@@ -164,14 +164,35 @@ def build_scheduler(cfg: Config, optimizer, total_steps: int, state: dict | None
     elif cfg.optim.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     else:
-        from sparse_ad.errors import ConfigError
-
         raise ConfigError(f"optim.schedule must be onecycle or cosine, got {cfg.optim.schedule!r}")
     if state:
         sched.load_state_dict(state)
         for group, hyper in zip(optimizer.param_groups, loaded, strict=True):
             group.update(hyper)
     return sched
+
+
+RESUME_MAY_CHANGE = {"data.root", "data.num_workers", "data.max_skip_fraction", "train.device", "train.amp",
+                     "train.deterministic", "train.log_every", "train.max_minutes", "train.cpu_threads"}
+"""Settings a resumed run may change: where the data lies and how the machine runs it. The
+others shape the model, the data, the loss or the lr schedule, which the checkpoint holds."""
+
+
+def check_resumable(ck: dict, cfg: Config, path: Path) -> None:
+    """Refuse to resume `ck` under a config that differs in anything but `RESUME_MAY_CHANGE`
+    (more epochs would hand a finished one-cycle schedule more steps than it has)."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    saved, now = flat(ck.get("config", {})), flat(config_to_dict(cfg))
+    changed = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k] and k not in RESUME_MAY_CHANGE)
+    if changed:
+        what = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in changed[:4])
+        raise ConfigError(f"{path}: this run was started with {what}{' ...' if len(changed) > 4 else ''}; resume it "
+                          "with its own settings (its config.yaml), or start a new --run-dir")
 
 
 def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
@@ -186,9 +207,11 @@ def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
     last = Path(run_dir) / "last.pt"
     ck = load(last, map_location=rt.device) if last.exists() else None
     if ck is not None:
+        check_resumable(ck, cfg, last)
         model.load_state_dict(ck.get("train_model", ck["model"]))
         optimizer.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
+        if ck["scaler"]:   # empty when saved without AMP (on CPU): a fresh scaler then
+            scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"]["torch"].cpu())
         if ck["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
