@@ -219,3 +219,34 @@ def test_non_finite_loss_stops_with_step_frames_and_hint(tiny_split, tmp_path, m
     with pytest.raises(SparseADError, match=r"non-finite loss nan at step 0 on frames .*/10.*optim.lr"):
         train(cfg, tmp_path / "r")
     assert not (tmp_path / "r" / "last.pt").exists()  # nothing trained on garbage was saved
+
+
+def test_a_stop_mid_epoch_resumes_to_the_same_history(tiny_split, tmp_path, monkeypatch):
+    """SIGINT/SIGTERM mid-epoch, then the same command: the resumed epoch's loss and counts
+    include the steps done before the stop, so history.json equals an uninterrupted run's."""
+    from sparse_ad.engine import train as train_mod
+
+    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", "train.epochs=2", *TINY])
+    train(cfg, tmp_path / "ref")
+
+    class StopInSecondEpoch:   # stop.set is read after each step and after each epoch
+        reads = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        @property
+        def set(self):
+            StopInSecondEpoch.reads += 1
+            return StopInSecondEpoch.reads >= 5   # epoch 1: 3 steps + 1; then one step of epoch 2
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "_StopFlag", StopInSecondEpoch)
+        assert train(cfg, tmp_path / "run")["stopped"]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step_in_epoch"] == 1
+    train(cfg, tmp_path / "run")
+    assert _history(tmp_path / "run") == _history(tmp_path / "ref")

@@ -37,6 +37,7 @@ class TrainState:
     class_counts: list[int]
     epoch: int = 0                    # epochs finished
     step_in_epoch: int = 0            # steps done in the current epoch (mid-epoch stop)
+    epoch_stats: dict = field(default_factory=dict)   # ... and their summed loss and counts
     global_step: int = 0
     best_score: float = -math.inf
     best_epoch: int = 0
@@ -77,6 +78,7 @@ def save(path: Path, state: TrainState, sched, epoch: int, step_in_epoch: int, r
         return
     payload = {
         "format": FORMAT, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": state.global_step,
+        "epoch_stats": state.epoch_stats if step_in_epoch else {},
         "model": state.eval_model.state_dict(), "optimizer": state.optimizer.state_dict(),
         "scheduler": sched.state_dict(), "scaler": state.scaler.state_dict(),
         "best_score": state.best_score, "best_epoch": state.best_epoch, "threshold": state.threshold,
@@ -240,6 +242,7 @@ def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
                        loss_fn=loss_fn, class_counts=counts, ema=ema)
     if ck is not None:
         state.epoch, state.step_in_epoch = int(ck["epoch"]), int(ck["step_in_epoch"])
+        state.epoch_stats = dict(ck.get("epoch_stats", {})) if state.step_in_epoch else {}
         state.global_step = int(ck["global_step"])
         state.best_score, state.best_epoch = float(ck["best_score"]), int(ck["best_epoch"])
         state.threshold, state.history = float(ck["threshold"]), list(ck["history"])

@@ -21,7 +21,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -117,12 +117,13 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
                 rt.sampler.set_epoch(epoch)
             stats = _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer)
             if stop.set:
+                state.epoch_stats = asdict(stats)   # the resumed epoch adds to these
                 ckpt.save(run_dir / "last.pt", state, sched, epoch=epoch, step_in_epoch=state.step_in_epoch,
                           rt=rt)
                 _log(rt, f"stopped in epoch {epoch + 1} at step {state.step_in_epoch}; last.pt saved — run the "
                          "same command again to resume")
                 return {"stopped": True, "epoch": epoch}
-            state.step_in_epoch = 0
+            state.step_in_epoch, state.epoch_stats = 0, {}
             # every rank scores a share with the bare module (not through DDP: its forward would
             # start gradient-sync collectives); rank 0 gets the metrics and shares them
             metrics = rt.broadcast(validate(cfg, rt, state.eval_model, epoch))
@@ -137,7 +138,7 @@ def _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer) -> StepStat
     from tqdm import tqdm
 
     state.model.train()
-    stats = StepStats()
+    stats = StepStats(**state.epoch_stats) if state.step_in_epoch else StepStats()   # resumed mid-epoch
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", disable=not rt.show_progress,
                leave=False)
     for step, batch in enumerate(bar):
