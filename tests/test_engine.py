@@ -229,6 +229,13 @@ def test_eval_preds_histogram_mode_matches_exact_on_binned_scores(tiny_split, tm
     for key in ("auroc", "aupr", "fpr95", "recall", "voxels"):
         assert binned["normality_included"][key] == pytest.approx(exact["normality_included"][key], abs=1e-4)
     assert binned["normality_included"]["exact"] is False
+    # another method's unbounded scores: binned over [0, 1] they would be squashed into the end bins
+    np.save(path, np.c_[gt[:, :3], scores * 5 - 2].astype(np.float32))
+    from sparse_ad.errors import SparseADError
+
+    with pytest.raises(SparseADError, match=r"/105: scores in \[-2, [.0-9]+\], but histogram mode bins probabilities"):
+        evaluate_predictions(tmp_path / "p", tiny_split, tmp_path / "c.json", cfg, progress=False,
+                             histogram_bins=1000)
 
 
 def test_bench_model_smoke():

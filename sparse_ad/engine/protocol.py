@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sparse_ad.data.labels import ANOMALY, IGNORE, GroundTruth, lookup_tags, targets_from_tags
+from sparse_ad.errors import SparseADError
 from sparse_ad.metrics import ScoreAccumulator
 
 SIZE_BUCKETS = (("small", 0.0, 1.0), ("medium", 1.0, 2.0), ("large", 2.0, math.inf))
@@ -76,6 +77,10 @@ class ProtocolAccumulator:
         csv `size`; name: the frame, for the per-object list."""
         scores = np.asarray(scores, np.float32)
         labels = np.asarray(labels, bool)
+        if self.histogram_bins and len(scores) and not (0.0 <= scores.min() and scores.max() <= 1.0):
+            raise SparseADError(f"{name or 'a frame'}: scores in [{scores.min():g}, {scores.max():g}], but "
+                                "histogram mode bins probabilities in [0, 1]; pass probabilities, or leave out "
+                                "--histogram-bins to score exactly")
         self.frames += 1
         self.all.update(scores, labels)
         if labels.any():
