@@ -18,6 +18,7 @@ from sparse_ad.engine import checkpoint as ckpt
 from sparse_ad.engine.train import train
 from sparse_ad.errors import SparseADError
 from sparse_ad.io import atomic_save_npy
+from tests.conftest import MONO
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.num_workers=0", "model.channels=[8,16]", "model.blocks_per_level=1", "train.batch_size=2",
@@ -230,7 +231,7 @@ def test_a_stop_mid_epoch_resumes_to_the_same_history(tiny_split, tmp_path, monk
     cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", "train.epochs=2", *TINY])
     train(cfg, tmp_path / "ref")
 
-    class StopInSecondEpoch:   # stop.set is read after each step and after each epoch
+    class StopInSecondEpoch:   # stop.set is read before each step and after each epoch
         reads = 0
 
         def __enter__(self):
@@ -242,7 +243,7 @@ def test_a_stop_mid_epoch_resumes_to_the_same_history(tiny_split, tmp_path, monk
         @property
         def set(self):
             StopInSecondEpoch.reads += 1
-            return StopInSecondEpoch.reads >= 5   # epoch 1: 3 steps + 1; then one step of epoch 2
+            return StopInSecondEpoch.reads >= 6   # before each of 3 steps + after epoch 1; then 1 step
 
     with monkeypatch.context() as m:
         m.setattr(train_mod, "_StopFlag", StopInSecondEpoch)
@@ -250,3 +251,24 @@ def test_a_stop_mid_epoch_resumes_to_the_same_history(tiny_split, tmp_path, monk
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step_in_epoch"] == 1
     train(cfg, tmp_path / "run")
     assert _history(tmp_path / "run") == _history(tmp_path / "ref")
+
+
+def test_ddp_goes_on_when_one_rank_has_no_loadable_frame(tiny_split, tmp_path):
+    """One rank's batch is a broken frame, the other's is fine: both must skip that step
+    together (a rank that skipped alone left the other waiting in DDP's all-reduce)."""
+    from sparse_ad.engine.runtime import datasets
+
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", *TINY])
+    train_set, _ = datasets(cfg)
+    ref = train_set.frames[0]
+    (ref.scenario.path / MONO / f"{MONO}_{ref.frame}.npy").write_bytes(b"\x93NUMPY broken")
+    env = {**os.environ, "SPARSE_AD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(ROOT / "tools/train.py"), "--config",
+                        str(ROOT / "configs/demo.yaml"), "--run-dir", str(run), f"data.root={tiny_split}",
+                        "train.epochs=1", *TINY, "train.batch_size=1", "data.max_skip_fraction=0.5"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "frame loads skipped" in r.stdout
+    assert [h["epoch"] for h in _history(run)] == [1]

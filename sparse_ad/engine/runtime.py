@@ -71,6 +71,15 @@ class Runtime:
             raise SparseADError(f"{share:.1%} of frame loads failed, more than data.max_skip_fraction="
                                 f"{self.max_skip_fraction}; fix or remove the broken files listed above")
 
+    def any_rank(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag: whether it is set on any rank (one small all-reduce under DDP), for the
+        decisions that every rank must take together."""
+        if not self.distributed:
+            return flags
+        t = torch.tensor([int(f) for f in flags], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return tuple(bool(v) for v in t.tolist())
+
     def broadcast(self, obj):
         """Rank 0's object on every rank (e.g. the validation metrics it pooled)."""
         if not self.distributed:

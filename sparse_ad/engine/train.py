@@ -115,8 +115,8 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
             rt.train_set.set_epoch(epoch)
             if rt.sampler is not None:
                 rt.sampler.set_epoch(epoch)
-            stats = _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer)
-            if stop.set:
+            stats, stopped = _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer)
+            if stopped:
                 state.epoch_stats = asdict(stats)   # the resumed epoch adds to these
                 ckpt.save(run_dir / "last.pt", state, sched, epoch=epoch, step_in_epoch=state.step_in_epoch,
                           rt=rt)
@@ -128,13 +128,16 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
             # start gradient-sync collectives); rank 0 gets the metrics and shares them
             metrics = rt.broadcast(validate(cfg, rt, state.eval_model, epoch))
             _record_epoch(cfg, rt, run_dir, state, sched, epoch, stats, metrics, writer)
-            if cfg.train.max_minutes and (time.monotonic() - start) / 60 > cfg.train.max_minutes:
+            over = bool(cfg.train.max_minutes) and (time.monotonic() - start) / 60 > cfg.train.max_minutes
+            if rt.any_rank(over)[0]:   # every rank's clock: they must stop after the same epoch
                 _log(rt, f"time budget of {cfg.train.max_minutes} min reached after epoch {epoch + 1}")
                 break
     return _finish(cfg, rt, run_dir, state)
 
 
-def _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer) -> StepStats:
+def _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer) -> tuple[StepStats, bool]:
+    """One pass over the training loader; returns its stats and whether a stop signal ended
+    it early (under DDP: on any rank, so that all ranks stop after the same step)."""
     from tqdm import tqdm
 
     state.model.train()
@@ -144,20 +147,22 @@ def _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer) -> StepStat
     for step, batch in enumerate(bar):
         if step < state.step_in_epoch:  # resumed mid-epoch: these steps were done before the stop
             continue
-        _train_one(cfg, rt, state, sched, batch, stats, writer, bar)
+        # decided on all ranks together, or those that go on wait forever in DDP's all-reduce
+        empty, stopping = rt.any_rank(len(batch) == 0, stop.set)
+        if stopping:
+            return stats, True
+        _train_one(cfg, rt, state, sched, batch, stats, writer, bar, skip=empty)
         state.step_in_epoch = step + 1
-        if stop.set:
-            break
-    return stats
+    return stats, rt.any_rank(stop.set)[0]   # a signal in the last step: stop before validating
 
 
-def _train_one(cfg, rt, state, sched, batch, stats, writer, bar) -> None:
+def _train_one(cfg, rt, state, sched, batch, stats, writer, bar, skip: bool) -> None:
     """Voxelize one loaded batch on the device and take one optimization step."""
     from sparse_ad.data.batch import voxelize_batch
 
     stats.skipped_frames += len(batch.skipped)
     rt.note_batch(batch)
-    if len(batch) == 0:
+    if skip:   # every frame failed to load, here or (DDP) on another rank: all ranks skip the step
         return
     vb = voxelize_batch(batch, rt.grid, rt.device)
     loss, parts = _step(cfg, rt, state, vb)
@@ -188,10 +193,10 @@ def _step(cfg, rt, state, vb) -> tuple[float | None, dict]:
     with torch.autocast(rt.device.type, enabled=rt.amp, dtype=torch.float16):
         out = state.model(x)
     loss, parts = state.loss_fn(out, targets)
-    if not torch.isfinite(loss):
-        if rt.amp:  # fp16 overflow: skip, the scaler lowers its scale
-            state.optimizer.zero_grad(set_to_none=True)
-            return None, {}
+    # Under AMP a non-finite loss (fp16 overflow) goes through backward like any other: its
+    # gradients are non-finite on every rank after DDP's all-reduce, so all skip the step below
+    # and the scaler lowers its scale. Without AMP it is a fault in the data or the lr.
+    if not rt.amp and not torch.isfinite(loss):
         raise SparseADError(f"non-finite loss {loss.item()} at step {state.global_step} on frames "
                             f"{', '.join(vb.names)}; check those files for absurd values, or lower optim.lr")
     state.optimizer.zero_grad(set_to_none=True)
