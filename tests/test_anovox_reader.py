@@ -36,6 +36,17 @@ def test_sensor_setup_wins_over_folder_name(tiny_split):
     assert sc.sensors_of("LIDAR")[0].location == (0.0, 0.0, 2.0)
 
 
+def test_a_setup_entry_without_a_pose_takes_it_from_the_folder_name(tiny_split):
+    p = next(tiny_split.glob("Scenario_*/sensor_setup.json"))
+    data = json.loads(p.read_text())
+    data[MONO]["rotation"] = [0, 0, 5]
+    del data[MONO]["location"]
+    p.write_text(json.dumps(data))
+    sc = next(s for s in open_split(tiny_split).scenarios if s.path == p.parent)
+    lidar = sc.sensors_of("LIDAR")[0]
+    assert lidar.location == (0.0, 0.0, 1.8) and lidar.rotation == (0.0, 0.0, 5.0)
+
+
 def test_frames_missing_a_modality_are_skipped_and_counted(tiny_split):
     sc = sorted(tiny_split.glob("Scenario_*"))[0]
     (sc / "VOXEL_GRID" / "VOXEL_GRID_101.npy").unlink()

@@ -229,12 +229,21 @@ def _vec3(value, path: Path, what: str) -> tuple[float, float, float]:
 def _sensor_from_setup(folder: Path, entry: dict, path: Path) -> Sensor:
     if not isinstance(entry, dict):
         raise SparseADError(f"{path}: entry {folder.name!r} must be an object")
-    stype = entry.get("sensor_type") or SENSOR_FOLDER.match(folder.name)["type"]
+    named = SENSOR_FOLDER.match(folder.name)
+    stype = entry.get("sensor_type") or (named["type"] if named else None)
+    if not stype:
+        raise SparseADError(f"{path}: entry {folder.name!r} has no sensor_type, and the folder name does not "
+                            "say it either; add it")
     ending = entry.get("file_ending") or _guess_ending(folder, stype)
     if not ending.startswith("."):
         ending = "." + ending
-    return Sensor(folder.name, str(stype), _vec3(entry.get("location"), path, "location"),
-                  _vec3(entry.get("rotation"), path, "rotation"), ending, folder)
+    pose = []
+    for what, group in (("location", "loc"), ("rotation", "rot")):   # missing: the folder name says
+        if entry.get(what) is None and named is not None:
+            pose.append(_vec3(named[group].split(","), folder, f"{what} (from the folder name)"))
+        else:
+            pose.append(_vec3(entry.get(what), path, what))
+    return Sensor(folder.name, str(stype), *pose, ending, folder)
 
 
 def _sensor_from_name(folder: Path, m: re.Match) -> Sensor:
