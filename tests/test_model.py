@@ -211,3 +211,18 @@ def test_voxel_features_numpy_and_torch_agree():
     ft = voxel_features(tvox, grid)
     assert isinstance(ft, torch.Tensor) and ft.dtype == torch.float32
     np.testing.assert_allclose(ft.numpy(), f, rtol=1e-6)
+
+
+def test_scene_pooling_sums_in_float32_for_fp16_features():
+    """Under AMP (and in the fp16 folded model) the features are fp16: their per-frame sum
+    must not overflow or stall; the pooled result keeps the features' dtype."""
+    from sparse_ad.models.spunet import pool_per_frame
+
+    feats = torch.full((80_000, 3), 2.0, dtype=torch.float16)
+    feats[:40_000] = 1.0
+    batch = torch.zeros(80_000, dtype=torch.long)
+    batch[60_000:] = 1
+    pooled = pool_per_frame(feats, batch, 3)
+    assert pooled.dtype == torch.float16
+    expected = [[2, 2, 2, 4 / 3, 4 / 3, 4 / 3], [2, 2, 2, 2, 2, 2], [0] * 6]   # max | mean; empty frame: 0
+    assert torch.allclose(pooled.float(), torch.tensor(expected, dtype=torch.float32), atol=1e-3)
