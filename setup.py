@@ -21,7 +21,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["sparse_ad", "sparse_ad.*"]),
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.3",   # torch.amp.GradScaler
         "numpy>=1.24",
         "numba>=0.59",
         "pyyaml>=6",
