@@ -314,6 +314,26 @@ def config_to_dict(cfg: Config) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+RUNTIME_KEYS = frozenset({"data.root", "data.num_workers", "data.max_skip_fraction", "train.device", "train.amp",
+                          "train.deterministic", "train.log_every", "train.max_minutes", "train.cpu_threads"})
+"""Settings that say where the data lies and how the machine runs a training, not what it
+trains: a resumed run, or a study reusing a finished one, may change them."""
+
+
+def changed_settings(saved: dict, cfg: Config, ignore=RUNTIME_KEYS) -> str:
+    """'key=old (now new), ...' for the settings of a saved config (a run's config.yaml or a
+    checkpoint's) that `cfg` changes, outside `ignore`; '' when none."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    old, now = flat(saved), flat(config_to_dict(cfg))
+    keys = sorted(k for k in old.keys() & now.keys() if old[k] != now[k] and k not in ignore)
+    return ", ".join(f"{k}={old[k]!r} (now {now[k]!r})" for k in keys[:4]) + (" ..." if len(keys) > 4 else "")
+
+
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config atomically (temp file, then rename)."""
     from sparse_ad.io import atomic_write_text

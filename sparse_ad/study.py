@@ -25,7 +25,9 @@ import statistics
 import time
 from pathlib import Path
 
-from sparse_ad.config import config_to_dict, load_config
+import yaml
+
+from sparse_ad.config import changed_settings, config_to_dict, load_config
 from sparse_ad.errors import ConfigError, SparseADError
 from sparse_ad.io import atomic_write_text
 
@@ -37,9 +39,9 @@ share of objects whose median voxel scores above 99% of the normal voxels
 (`protocol.object_summary`): less noisy than pooled AUPR on few objects."""
 LOWER_IS_BETTER = ("fpr95",)
 SPLIT_KEYS = ("synth_scenarios", "synth_frames", "synth_anomaly_share", "synth_braking_share", "val_fraction",
-              "split_seed")
+              "split_seed", "max_frames")
 """data.* keys that decide a seed's training split and held-out scenarios: equal for a paired comparison."""
-SPLIT_DEFAULTS = {"synth_braking_share": 0.0}
+SPLIT_DEFAULTS = {"synth_braking_share": 0.0, "max_frames": 0}
 """What a study written before a key existed trained with."""
 
 
@@ -154,10 +156,13 @@ def _one_seed(base, seed: int, test_root: Path, run_dir: Path) -> dict:
     from sparse_ad.engine.train import train
 
     done = run_dir / "study_row.json"
+    cfg = _seeded(base, seed)
     if done.exists():
-        return _refresh(json.loads(done.read_text()), run_dir)
+        row = json.loads(done.read_text())
+        _check_reusable(row, cfg, test_root, run_dir)
+        return _refresh(row, run_dir)
     start = time.monotonic()
-    summary = train(_seeded(base, seed), run_dir)
+    summary = train(cfg, run_dir)
     minutes = (time.monotonic() - start) / 60
     if summary.get("stopped"):
         raise SparseADError(f"seed {seed}: training was stopped ({run_dir}); run the same command again to "
@@ -165,9 +170,23 @@ def _one_seed(base, seed: int, test_root: Path, run_dir: Path) -> dict:
     test = evaluate_checkpoint(run_dir / "best.pt", run_dir / "test", data=test_root, all_frames=True,
                                progress=False)
     row = {"seed": seed, "best_epoch": summary["best_epoch"], "epochs": summary["epochs"],
-           "train_minutes": round(minutes, 2), "held_out": _scope(summary["best"]), "test": _scope(test)}
+           "train_minutes": round(minutes, 2), "held_out": _scope(summary["best"]), "test": _scope(test),
+           "test_split": str(test_root)}
     atomic_write_text(done, json.dumps(row, indent=2))
     return row
+
+
+def _check_reusable(row: dict, cfg, test_root: Path, run_dir: Path) -> None:
+    """A finished seed is reused only if it trained what this study asks for (its config.yaml,
+    runtime settings aside) and was tested on the same split: otherwise the study would report,
+    and pair with a baseline, numbers of another recipe under this one's name."""
+    saved = run_dir / "config.yaml"
+    changed = changed_settings(yaml.safe_load(saved.read_text()) or {}, cfg) if saved.exists() else ""
+    if row.get("test_split", str(test_root)) != str(test_root):
+        changed = ", ".join(filter(None, [changed, f"test split {row['test_split']} (now {test_root})"]))
+    if changed:
+        raise ConfigError(f"{run_dir}: this finished seed was trained with {changed}; use another --out, or "
+                          "delete that folder to train it again")
 
 
 def _refresh(row: dict, run_dir: Path) -> dict:

@@ -53,6 +53,13 @@ def test_study_trains_each_seed_scores_both_splits_and_reuses_finished_seeds(tmp
     refreshed = run_study(_args(tmp_path))
     assert refreshed["runs"] == result["runs"] and 0.0 < refreshed["runs"][1]["test"]["aupr_all"] <= 1.0
 
+    # ... but never under another recipe's or test split's name
+    with pytest.raises(ConfigError, match=r"seed0: this finished seed was trained with optim.lr=0.003 \(now 0.01\)"):
+        run_study(_args(tmp_path, "optim.lr=0.01"))
+    with pytest.raises(ConfigError, match=r"seed0: .*test split .*seed9 \(now .*seed8\); use another --out"):
+        run_study(add_study_args(argparse.ArgumentParser()).parse_args(
+            ["--seeds", "0", "--test-seed", "8", "--out", str(tmp_path / "study"), *SMALL]))
+
 
 def test_study_refuses_a_test_seed_it_trains_on_and_real_data(tmp_path):
     with pytest.raises(ConfigError, match="also a training seed"):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from sparse_ad import __version__
-from sparse_ad.config import Config, config_to_dict
+from sparse_ad.config import Config, changed_settings, config_to_dict
 from sparse_ad.engine.ema import WeightAverage
 from sparse_ad.errors import ConfigError, SparseADError
 from sparse_ad.io import atomic_write, atomic_write_text
@@ -174,27 +174,13 @@ def build_scheduler(cfg: Config, optimizer, total_steps: int, state: dict | None
     return sched
 
 
-RESUME_MAY_CHANGE = {"data.root", "data.num_workers", "data.max_skip_fraction", "train.device", "train.amp",
-                     "train.deterministic", "train.log_every", "train.max_minutes", "train.cpu_threads"}
-"""Settings a resumed run may change: where the data lies and how the machine runs it. The
-others shape the model, the data, the loss or the lr schedule, which the checkpoint holds."""
-
-
 def check_resumable(ck: dict, cfg: Config, path: Path) -> None:
-    """Refuse to resume `ck` under a config that differs in anything but `RESUME_MAY_CHANGE`
-    (more epochs would hand a finished one-cycle schedule more steps than it has)."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-        return out
-
-    saved, now = flat(ck.get("config", {})), flat(config_to_dict(cfg))
-    changed = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k] and k not in RESUME_MAY_CHANGE)
+    """Refuse to resume `ck` under a config that changes what it trains (`config.RUNTIME_KEYS`
+    may change): more epochs would hand a finished one-cycle schedule steps it does not have."""
+    changed = changed_settings(ck.get("config", {}), cfg)
     if changed:
-        what = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in changed[:4])
-        raise ConfigError(f"{path}: this run was started with {what}{' ...' if len(changed) > 4 else ''}; resume it "
-                          "with its own settings (its config.yaml), or start a new --run-dir")
+        raise ConfigError(f"{path}: this run was started with {changed}; resume it with its own settings "
+                          "(its config.yaml), or start a new --run-dir")
 
 
 def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
