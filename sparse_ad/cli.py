@@ -155,7 +155,7 @@ def _cmd_voxelize_gt(args):
     from sparse_ad.io import atomic_save_npy
 
     grid = GridConfig().build()
-    if args.resolution:
+    if args.resolution is not None:
         grid = grid.with_resolution(args.resolution)
     if args.split:
         if not args.out or args.input:

@@ -58,6 +58,8 @@ class VoxelGrid:
 
     def with_resolution(self, resolution: float) -> VoxelGrid:
         """The same box (extent and offset) cut into voxels of another size."""
+        if not (np.isfinite(resolution) and resolution > 0):
+            raise ConfigError(f"resolution must be a positive number of metres, got {resolution}")
         shape = []
         for e in self.extent:
             n = e / resolution

@@ -8,13 +8,14 @@ every frame of a split, e.g. at another resolution.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
-from sparse_ad.errors import SparseADError
+from sparse_ad.errors import ConfigError, SparseADError
 from sparse_ad.grid import SensorTransform, VoxelGrid
-from sparse_ad.io import atomic_save_npy
+from sparse_ad.io import atomic_save_npy, atomic_write_text
 from sparse_ad.voxelize import voxelize
 
 
@@ -46,12 +47,14 @@ def merged_rows(parts: list[tuple[np.ndarray, SensorTransform]], grid: VoxelGrid
 def regenerate_split(split_dir: Path, out_dir: Path, grid: VoxelGrid, progress: bool = True) -> int:
     """Rewrite `Scenario_*/VOXEL_GRID/VOXEL_GRID_<frame>.npy` under `out_dir` from every
     SEMANTIC-LIDAR sensor of each frame. Returns the number of frames written; frames
-    already written (same size or newer) are kept, so an interrupted run resumes."""
+    already written are kept, so an interrupted run resumes — on the same grid only, which
+    `out_dir/voxelize_gt.json` records."""
     from tqdm import tqdm
 
     from sparse_ad.data.anovox import load_frame, open_split
 
     split = open_split(split_dir, "SEMANTIC-LIDAR", need_gt=False)
+    _claim(Path(out_dir), grid)
     written = 0
     for ref in tqdm(split.frames, desc="voxelize-gt", unit="frame", disable=not progress):
         target = Path(out_dir) / ref.scenario.path.name / "VOXEL_GRID" / f"VOXEL_GRID_{ref.frame}.npy"
@@ -62,3 +65,17 @@ def regenerate_split(split_dir: Path, out_dir: Path, grid: VoxelGrid, progress: 
         atomic_save_npy(target, rows)
         written += 1
     return written
+
+
+def _claim(out_dir: Path, grid: VoxelGrid) -> None:
+    """Record the grid of the ground truth under `out_dir`; refuse to add to one made on
+    another grid (a rerun at another resolution would otherwise keep the old files)."""
+    marker = out_dir / "voxelize_gt.json"
+    want = {"resolution": grid.resolution, "shape": list(grid.shape), "offset": list(grid.offset)}
+    if marker.exists():
+        have = json.loads(marker.read_text())
+        if have != want:
+            raise ConfigError(f"{out_dir}: holds ground truth on another grid ({have}); pick another --out, or "
+                              "delete it to regenerate")
+        return
+    atomic_write_text(marker, json.dumps(want))

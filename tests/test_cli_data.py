@@ -23,7 +23,7 @@ def test_voxelize_gt_reproduces_voxel_grid_row_for_row(tiny_split, tmp_path):
     assert (np.diff(keys) > 0).all()
 
 
-def test_voxelize_gt_whole_split_at_another_resolution(tiny_split, tmp_path):
+def test_voxelize_gt_whole_split_at_another_resolution(tiny_split, tmp_path, capsys):
     out = tmp_path / "gt025"
     assert main(["voxelize-gt", "--split", str(tiny_split), "--out", str(out), "--resolution", "0.25"]) == 0
     files = sorted(out.glob("Scenario_*/VOXEL_GRID/VOXEL_GRID_*.npy"))
@@ -31,6 +31,14 @@ def test_voxelize_gt_whole_split_at_another_resolution(tiny_split, tmp_path):
     coarse = np.load(sorted(tiny_split.glob("Scenario_*"))[0] / "VOXEL_GRID" / "VOXEL_GRID_100.npy")
     fine = np.load(files[0])
     assert len(fine) > len(coarse) and fine[:, :3].max() >= 1000  # 0.25 m indices go past 999
+    # a rerun resumes on the same grid, and refuses to mix in another resolution's files
+    assert main(["voxelize-gt", "--split", str(tiny_split), "--out", str(out), "--resolution", "0.25"]) == 0
+    assert main(["voxelize-gt", "--split", str(tiny_split), "--out", str(out)]) == 2
+    assert "holds ground truth on another grid" in capsys.readouterr().err
+    for bad in ("0", "nan", "-1"):
+        assert main(["voxelize-gt", "--split", str(tiny_split), "--out", str(tmp_path / bad), "--resolution",
+                     bad]) == 2
+        assert "resolution must be a positive number" in capsys.readouterr().err
 
 
 def test_check_alignment_passes_on_aligned_split(tiny_split, tmp_path, capsys):
