@@ -373,17 +373,18 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _int_list(text: str) -> list[int]:
-    try:
-        return [int(float(v)) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    return [int(v) for v in _float_list(text)]
 
 
 def _float_list(text: str) -> list[float]:
+    """Comma-separated positive numbers (point counts, resolutions)."""
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        values = []
+    if not values or not all(np.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}")
+    return values
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ import torch
 from sparse_ad.bench import interleaved_ms, lidar_cloud, machine_info, median_ms
 from sparse_ad.config import load_config
 from sparse_ad.data.batch import Batch, voxelize_batch
-from sparse_ad.errors import SparseADError
+from sparse_ad.errors import SparseADError, reported
 from sparse_ad.io import atomic_write_text
 
 
@@ -234,6 +234,7 @@ def format_table(r: dict) -> str:
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
+@reported("bench_model")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="training throughput and inference latency of sparse_ad "
                                 "(example: python tools/bench_model.py --config configs/anovox_mono.yaml)")

@@ -34,7 +34,7 @@ def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, de
     from sparse_ad.engine.runtime import pick_device
 
     dev = pick_device(device)
-    model, cfg, _ = load_checkpoint_model(checkpoint, dev, scoring or Scoring())
+    model, cfg, ck = load_checkpoint_model(checkpoint, dev, scoring or Scoring())
     split = open_split(data, cfg.data.sensor, need_gt=False)
     todo = [r for r in split.frames if not prediction_file(out, r).exists()]
     written = 0
@@ -46,7 +46,7 @@ def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, de
             from sparse_ad.plots import plot_bev
 
             gt_file = ref.scenario.voxel_grid_file(ref.frame)
-            plot_bev(coords, scores, gt_file if gt_file.exists() else None, cfg,
-                     path.with_suffix(".png"), title=ref.name)
+            plot_bev(coords, scores, gt_file if gt_file.exists() else None, cfg, path.with_suffix(".png"),
+                     threshold=float(ck.get("threshold", 0.5)), title=ref.name)   # validation's operating point
     print(f"wrote {written} prediction file(s) under {out} ({len(split.frames) - len(todo)} already there)")
     return written

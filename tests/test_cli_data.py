@@ -69,6 +69,19 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     assert r.returncode == 2 and "config file not found" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_output_paths_numbers_and_tools_fail_in_one_line(tmp_path, capsys):
+    from sparse_ad.synth.lead_vans import main as lead_vans
+
+    (tmp_path / "file").write_text("")
+    assert main(["synth", str(tmp_path / "file" / "split")]) == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["bench-voxelize", "--sizes", "0"])
+    assert e.value.code == 2 and "positive numbers" in capsys.readouterr().err
+    assert lead_vans(["--split", str(tmp_path), "--checkpoint", str(tmp_path / "none.pt")]) == 1
+    assert capsys.readouterr().err.strip().startswith("lead_vans: error: ")
+
+
 @pytest.mark.parametrize("cmd", ["synth", "voxelize-gt", "check-alignment", "train", "eval", "eval-preds",
                                  "predict", "bench-voxelize", "study", "demo"])
 def test_every_subcommand_has_help_with_an_example(cmd, capsys):

@@ -115,8 +115,13 @@ def test_eval_holds_out_the_frames_validation_held_out_with_max_frames(tiny_spli
     assert result["frames"] == entry["frames"] == 3
 
 
-def test_predict_then_eval_preds_equals_eval(trained, tmp_path):
+def test_predict_then_eval_preds_equals_eval(trained, tmp_path, monkeypatch):
+    from sparse_ad import plots
+
     cfg, run, _ = trained
+    drawn_at = []
+    real_bev = plots.plot_bev
+    monkeypatch.setattr(plots, "plot_bev", lambda *a, **k: drawn_at.append(k["threshold"]) or real_bev(*a, **k))
     ev = evaluate_checkpoint(run / "best.pt", tmp_path / "eval", all_frames=True, progress=False)
     preds = tmp_path / "preds"
     assert (tmp_path / "eval" / "curves.png").stat().st_size > 1000
@@ -126,6 +131,7 @@ def test_predict_then_eval_preds_equals_eval(trained, tmp_path):
     assert binned["anomalies_only"]["exact"] is False
     assert predict_split(run / "best.pt", cfg.data.root, preds, bev=True, progress=False) == 12
     assert len(list(preds.glob("Scenario_*/VOXEL_GRID_*.png"))) == 12
+    assert set(drawn_at) == {ev["threshold"]} != {0.5}   # the calibrated operating point, not p = 0.5
     f = next(preds.glob("Scenario_*/VOXEL_GRID_*.npy"))
     rows = np.load(f, allow_pickle=False)
     assert rows.dtype == np.float32 and rows.shape[1] == 4

@@ -136,7 +136,10 @@ def write_split(out: Path, scenarios: int, frames: int, seed: int, anomaly_share
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder; pick another output path")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot create the output folder ({e.strerror or e}); pick a writable path") from None
     sets = SENSOR_SETS[sensor_sets]
     setup, names = sensor_setup(sets, points_per_sweep, seed)
     summary = SplitSummary(out, [], frames, [], 0, 0.0, points_per_sweep=points_per_sweep, sensor_sets=sensor_sets)

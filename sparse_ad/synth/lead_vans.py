@@ -31,7 +31,7 @@ from sparse_ad.config import load_config
 from sparse_ad.data.anovox import open_split
 from sparse_ad.data.files import load_voxel_grid
 from sparse_ad.data.labels import ANOMALY, IGNORE, GroundTruth, lookup_tags, target_table, targets_from_tags
-from sparse_ad.errors import ConfigError
+from sparse_ad.errors import ConfigError, reported
 from sparse_ad.grid import VoxelGrid
 from sparse_ad.io import atomic_write_text
 from sparse_ad.synth import CONFIG_FILE, CONFIG_FOLDER, plan_split
@@ -126,6 +126,7 @@ def format_rows(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@reported("lead_vans")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description="scores of the lead van on a synthetic split with sudden braking: while braking, the same van "
