@@ -182,6 +182,9 @@ def fuse_for_inference(model: SpUNet | InferenceUNet, half: bool = False, engine
         raise SparseADError(f"inference engine gather_gemm_graphs replays CUDA graphs, and the model is on "
                             f"{device.type}; use --engine gather_gemm or spconv there")
     fused = model if isinstance(model, InferenceUNet) else InferenceUNet(model, half=half)
+    if half and fused.dtype != torch.float16:   # an already folded model keeps its dtype
+        raise SparseADError("fuse_for_inference: this model is already folded in float32; fold the SpUNet "
+                            "with half=True instead")
     if engine.startswith("gather_gemm"):
         from sparse_ad.models.gather_gemm import GatherGemmUNet
         from sparse_ad.models.graphs import GraphedGatherGemm
