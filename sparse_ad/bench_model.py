@@ -176,14 +176,14 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
     return out
 
 
-def bench_reader(root: str, frames: int = 40, config: str | None = None) -> dict:
+def bench_reader(root: str, frames: int = 40, config: str | None = None, overrides=()) -> dict:
     """Frames/s of reading a split (npy load + GT join + augmentation) and of CPU
     voxelization of the loaded frames, one process, one frame at a time."""
     from sparse_ad.data.anovox import open_split
     from sparse_ad.data.batch import collate
     from sparse_ad.data.dataset import FrameDataset
 
-    cfg = load_config(config, [])
+    cfg = load_config(config, list(overrides))   # e.g. data.sweeps=3: read as the run would
     refs = open_split(root, cfg.data.sensor).frames[:frames]
     ds = FrameDataset(refs, cfg, train=True)
     ds[0]  # warm the JIT and the page cache of one file
@@ -253,7 +253,7 @@ def main(argv=None) -> int:
                     latency_rounds=a.latency_rounds)
     print(format_table(r))
     if a.data:
-        r["reader"] = bench_reader(a.data, config=a.config)
+        r["reader"] = bench_reader(a.data, config=a.config, overrides=a.overrides)
         rd = r["reader"]
         print(f"reader: {rd['read_frames_per_s']:.1f} frames/s read+label+augment, "
               f"{rd['voxelize_frames_per_s']:.1f} frames/s voxelize (CPU, one process, "

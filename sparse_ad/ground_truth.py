@@ -46,15 +46,18 @@ def merged_rows(parts: list[tuple[np.ndarray, SensorTransform]], grid: VoxelGrid
 
 def regenerate_split(split_dir: Path, out_dir: Path, grid: VoxelGrid, progress: bool = True) -> int:
     """Rewrite `Scenario_*/VOXEL_GRID/VOXEL_GRID_<frame>.npy` under `out_dir` from every
-    SEMANTIC-LIDAR sensor of each frame. Returns the number of frames written; frames
-    already written are kept, so an interrupted run resumes — on the same grid only, which
-    `out_dir/voxelize_gt.json` records."""
+    SEMANTIC-LIDAR sensor of each frame; the scenario's other folders and files are linked
+    beside them, so `out_dir` is a split that trains and evaluates on the new grid. Returns the
+    number of frames written; frames already written are kept, so an interrupted run resumes —
+    on the same grid only, which `out_dir/voxelize_gt.json` records."""
     from tqdm import tqdm
 
     from sparse_ad.data.anovox import load_frame, open_split
 
     split = open_split(split_dir, "SEMANTIC-LIDAR", need_gt=False)
     _claim(Path(out_dir), grid)
+    for sc in split.scenarios:
+        _link_inputs(sc.path, Path(out_dir) / sc.path.name)
     written = 0
     for ref in tqdm(split.frames, desc="voxelize-gt", unit="frame", disable=not progress):
         target = Path(out_dir) / ref.scenario.path.name / "VOXEL_GRID" / f"VOXEL_GRID_{ref.frame}.npy"
@@ -79,3 +82,16 @@ def _claim(out_dir: Path, grid: VoxelGrid) -> None:
                               "delete it to regenerate")
         return
     atomic_write_text(marker, json.dumps(want))
+
+
+def _link_inputs(scenario: Path, out: Path) -> None:
+    """Symbolic links in `out` to everything of `scenario` but its VOXEL_GRID (no copies)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for child in scenario.iterdir():
+            link = out / child.name
+            if child.name != "VOXEL_GRID" and not (link.exists() or link.is_symlink()):
+                link.symlink_to(child.resolve(), target_is_directory=child.is_dir())
+    except OSError as e:
+        raise SparseADError(f"{out}: cannot link the scenario's sensor folders there ({e.strerror or e}); pick an "
+                            "--out on a filesystem with symbolic links, or copy them yourself") from None

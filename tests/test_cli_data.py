@@ -31,6 +31,15 @@ def test_voxelize_gt_whole_split_at_another_resolution(tiny_split, tmp_path, cap
     coarse = np.load(sorted(tiny_split.glob("Scenario_*"))[0] / "VOXEL_GRID" / "VOXEL_GRID_100.npy")
     fine = np.load(files[0])
     assert len(fine) > len(coarse) and fine[:, :3].max() >= 1000  # 0.25 m indices go past 999
+    # the output is a split: its sensor folders are links, the frames load with the new GT
+    from sparse_ad.data.anovox import load_frame, open_split
+    from sparse_ad.data.labels import GroundTruth
+    from sparse_ad.grid import VoxelGrid
+
+    ref = open_split(out).frames[0]
+    frame = load_frame(ref, "LIDAR")
+    assert GroundTruth.from_rows(frame.gt, VoxelGrid().with_resolution(0.25)).keys.size == len(frame.gt)
+    assert frame.gt[:, :3].max() >= 1000
     # a rerun resumes on the same grid, and refuses to mix in another resolution's files
     assert main(["voxelize-gt", "--split", str(tiny_split), "--out", str(out), "--resolution", "0.25"]) == 0
     assert main(["voxelize-gt", "--split", str(tiny_split), "--out", str(out)]) == 2

@@ -175,3 +175,12 @@ def test_train_predict_and_eval_with_three_sweeps(tiny_split, tmp_path, monkeypa
     ep = evaluate_predictions(tmp_path / "preds", tiny_split, tmp_path / "ep.json", cfg, threshold=ev["threshold"],
                               progress=False)
     assert ep["anomalies_only"]["aupr"] == pytest.approx(ev["anomalies_only"]["aupr"], abs=1e-7)
+
+
+def test_the_reader_benchmark_reads_with_the_command_line_overrides(tiny_split):
+    from sparse_ad.bench_model import bench_reader
+
+    one = bench_reader(str(tiny_split), frames=3, config="configs/demo.yaml")
+    three = bench_reader(str(tiny_split), frames=3, config="configs/demo.yaml",
+                         overrides=["data.sweeps=3", "model.in_channels=7"])
+    assert three["points_per_frame"] > 1.5 * one["points_per_frame"]   # frames 0, 1, 2: 1 + 2 + 3 sweeps

@@ -7,6 +7,7 @@ frame costs), `host` = host time to enqueue (no sync), `gpu` = CUDA-event time."
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -28,7 +29,13 @@ def main() -> int:
     from sparse_ad.models.spunet import build_model, voxel_features
     from sparse_ad.voxelize import voxelize
 
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/infer")
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()) + " (example: python "
+                                "tools/bench_inference_gpu.py --out runs/infer)")
+    p.add_argument("--out", type=Path, default=Path("runs/infer"), help="folder for the JSON results")
+    out = p.parse_args().out
+    if not torch.cuda.is_available():
+        print("bench_inference_gpu: error: needs a CUDA device", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     dev, grid = torch.device("cuda"), VoxelGrid()
     torch.manual_seed(0)
