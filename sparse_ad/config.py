@@ -8,6 +8,7 @@ the resolved config is saved next to every run (`save_config`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -275,6 +276,8 @@ def check_ranges(cfg: Config) -> None:
         v = getattr(getattr(cfg, section), name)
         if key == "train.ema_decay" and v == 0:   # 0 = off
             continue
+        if not math.isfinite(v):
+            raise ConfigError(f"{key}: expected a finite number, found {v}")
         below = v < lo if closed else v <= lo
         above = hi is not None and (v > hi if closed else v >= hi)
         if below or above:

@@ -99,7 +99,9 @@ def test_a_resolution_without_its_shape_is_refused():
 @pytest.mark.parametrize("override,message", [
     ("train.log_every=0", "train.log_every: expected >= 1"), ("train.batch_size=0", "train.batch_size: expected >= 1"),
     ("data.num_workers=-1", "data.num_workers: expected >= 0"), ("data.val_fraction=0", r"expected \(0, 1\)"),
-    ("train.ema_decay=1.0", r"0 \(off\) or \(0, 1\)"), ("optim.lr=0", "optim.lr: expected > 0")])
+    ("train.ema_decay=1.0", r"0 \(off\) or \(0, 1\)"), ("optim.lr=0", "optim.lr: expected > 0"),
+    ("data.val_fraction=.nan", "data.val_fraction: expected a finite number"),
+    ("optim.grad_clip=.inf", "optim.grad_clip: expected a finite number")])
 def test_out_of_range_numbers_are_one_line_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("configs/demo.yaml", [override])
