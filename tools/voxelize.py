@@ -4,16 +4,12 @@
 Same as `sparse-ad bench-voxelize`.
 """
 
-import argparse
 import sys
+from pathlib import Path
 
-from sparse_ad.bench import add_bench_args, run_bench
-from sparse_ad.errors import SparseADError
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sparse_ad.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    parser = add_bench_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    try:
-        sys.exit(run_bench(parser.parse_args()))
-    except SparseADError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(getattr(e, "exit_code", 1))
+    sys.exit(main(["bench-voxelize", *sys.argv[1:]]))
