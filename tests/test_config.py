@@ -97,11 +97,11 @@ def test_a_resolution_without_its_shape_is_refused():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("train.log_every=0", "train.log_every: expected >= 1"), ("train.batch_size=0", "train.batch_size: expected >= 1"),
-    ("data.num_workers=-1", "data.num_workers: expected >= 0"), ("data.val_fraction=0", r"expected \(0, 1\)"),
-    ("train.ema_decay=1.0", r"0 \(off\) or \(0, 1\)"), ("optim.lr=0", "optim.lr: expected > 0"),
-    ("data.val_fraction=.nan", "data.val_fraction: expected a finite number"),
-    ("optim.grad_clip=.inf", "optim.grad_clip: expected a finite number")])
+    ("train.log_every=0", r"train.log_every: expected a number in \[1, inf\), found 0"),
+    ("train.batch_size=0", "train.batch_size: expected"), ("data.num_workers=-1", "data.num_workers: expected"),
+    ("data.val_fraction=0", r"expected a number in \(0, 1\)"), ("train.ema_decay=1.0", r"in \[0, 1\), found 1.0"),
+    ("optim.lr=0", r"optim.lr: expected a number in \(0, inf\)"), ("data.val_fraction=.nan", "found nan"),
+    ("optim.grad_clip=.inf", "optim.grad_clip: expected a number in .*found inf")])
 def test_out_of_range_numbers_are_one_line_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("configs/demo.yaml", [override])
