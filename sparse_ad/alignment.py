@@ -109,13 +109,13 @@ def check_alignment(root, grid: VoxelGrid, configured: TransformConfig, frames: 
                     progress: bool = True) -> tuple[list[CandidateResult], SweepCheck]:
     """Score every candidate transform, and the sweep registration, on a sample of frames
     (see module doc)."""
-    from tqdm import tqdm
+    from sparse_ad.io import progress_bar
 
     split = open_split(root, "SEMANTIC-LIDAR", need_gt=True)
     results = [CandidateResult(n, t) for n, t in candidates(configured)]
     sweeps = SweepCheck()
-    for ref in tqdm(sample_frames(split.frames, frames), desc="check-alignment", unit="frame",
-                    disable=not progress):
+    for ref in progress_bar(sample_frames(split.frames, frames), progress, desc="check-alignment",
+                            unit="frame"):
         frame = load_frame(ref, "SEMANTIC-LIDAR")
         gt = GroundTruth.from_rows(frame.gt, grid, str(ref.scenario.voxel_grid_file(ref.frame)))
         for res in results:

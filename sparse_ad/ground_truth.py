@@ -50,16 +50,15 @@ def regenerate_split(split_dir: Path, out_dir: Path, grid: VoxelGrid, progress: 
     beside them, so `out_dir` is a split that trains and evaluates on the new grid. Returns the
     number of frames written; frames already written are kept, so an interrupted run resumes —
     on the same grid only, which `out_dir/voxelize_gt.json` records."""
-    from tqdm import tqdm
-
     from sparse_ad.data.anovox import load_frame, open_split
+    from sparse_ad.io import progress_bar
 
     split = open_split(split_dir, "SEMANTIC-LIDAR", need_gt=False)
     _claim(Path(out_dir), grid)
     for sc in split.scenarios:
         _link_inputs(sc.path, Path(out_dir) / sc.path.name)
     written = 0
-    for ref in tqdm(split.frames, desc="voxelize-gt", unit="frame", disable=not progress):
+    for ref in progress_bar(split.frames, progress, desc="voxelize-gt", unit="frame"):
         target = Path(out_dir) / ref.scenario.path.name / "VOXEL_GRID" / f"VOXEL_GRID_{ref.frame}.npy"
         if target.exists():
             continue

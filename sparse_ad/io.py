@@ -5,6 +5,8 @@
   problem becomes a `SparseADError` that names the file and the fix.
 - Everything we write goes to a temp file in the same folder, is fsynced, then renamed over
   the target (`os.replace`), so a crash or a full disk leaves the previous file intact.
+- Progress bars go through `progress_bar`, so `SPARSE_AD_NO_PROGRESS=1` (CI, batch jobs,
+  `docker run` logs) silences every one of them.
 """
 
 from __future__ import annotations
@@ -98,3 +100,10 @@ def read_text(path: Path) -> str:
         raise SparseADError(f"{path}: not UTF-8 text; re-export it") from None
     except OSError as e:
         raise SparseADError(f"{path}: cannot read ({e.strerror or e}); check permissions") from None
+
+
+def progress_bar(iterable=None, show: bool = True, **kwargs):
+    """A tqdm bar, hidden when `show` is false or the environment sets SPARSE_AD_NO_PROGRESS."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, disable=not show or os.environ.get("SPARSE_AD_NO_PROGRESS", "") != "", **kwargs)

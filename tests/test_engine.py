@@ -44,6 +44,18 @@ def test_train_writes_checkpoints_metrics_and_resumes(trained, capsys):
     assert json.loads((run / "history.json").read_text()) == history
 
 
+def test_no_progress_silences_every_bar(trained, tmp_path, monkeypatch, capsys):
+    """SPARSE_AD_NO_PROGRESS=1 (CI, batch jobs, docker logs): eval's bar too, not only training's."""
+    _, run, _ = trained
+    capsys.readouterr()
+    monkeypatch.delenv("SPARSE_AD_NO_PROGRESS", raising=False)
+    evaluate_checkpoint(run / "best.pt", tmp_path / "a")
+    assert "eval:" in capsys.readouterr().err
+    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
+    evaluate_checkpoint(run / "best.pt", tmp_path / "b")
+    assert "eval:" not in capsys.readouterr().err
+
+
 def test_resuming_under_other_settings_is_refused_naming_them(trained, tmp_path):
     """More epochs would hand the finished one-cycle schedule steps it does not have; how the
     machine runs it (workers, log interval, device) may change."""

@@ -63,7 +63,7 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
 
     Exact by default (memory: 4 bytes per scored voxel); `histogram_bins` > 0 bins scores
     over [0, 1] instead, for flat memory on very large splits (then approximate)."""
-    from tqdm import tqdm
+    from sparse_ad.io import progress_bar
 
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
@@ -74,7 +74,7 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
     split = open_split(data, sensor_type=None, need_gt=True)
     acc = ProtocolAccumulator(histogram_bins=histogram_bins)
     missing = 0
-    for ref in tqdm(split.frames, desc="eval-preds", unit="frame", disable=not progress):
+    for ref in progress_bar(split.frames, progress, desc="eval-preds", unit="frame"):
         path = prediction_file(pred_dir, ref)
         if not path.exists():
             missing += 1
@@ -155,13 +155,12 @@ def predict_frames(model, cfg: Config, refs: list[FrameRef], device: torch.devic
     `data.num_workers` processes while the model runs. A forward pass costs the host about
     the same whatever its size on a GPU (README), so batching is most of eval's throughput
     there; BN is folded, so a frame's scores do not depend on its batch mates."""
-    from tqdm import tqdm
-
     from sparse_ad.data.dataset import FrameDataset
     from sparse_ad.engine.validate import scored_batches
+    from sparse_ad.io import progress_bar
 
     ds = FrameDataset(refs, cfg, train=False)
-    with tqdm(total=len(ds), desc=desc, unit="frame", disable=not progress) as bar:
+    with progress_bar(None, progress, total=len(ds), desc=desc, unit="frame") as bar:
         for batch, vb, scores in scored_batches(model, ds, cfg, cfg.grid.build(), device, amp=device.type == "cuda"):
             for reason in batch.skipped:
                 warnings.warn(f"skipping frame: {reason}", stacklevel=2)

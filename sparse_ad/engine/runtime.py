@@ -46,10 +46,6 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    @property
-    def show_progress(self) -> bool:
-        return self.is_main and os.environ.get("SPARSE_AD_NO_PROGRESS", "") == ""
-
     def note_batch(self, batch) -> None:
         """Count a batch's frames and those that failed to load (warn for the first 5)."""
         self.frames_seen += len(batch) + len(batch.skipped)
@@ -141,8 +137,7 @@ def resolve_data_root(cfg: Config) -> Path:
     if not done.exists():
         print(f"no data.root configured: writing a synthetic AnoVox-layout split to {root}")
         write_split(root, scenarios=d.synth_scenarios, frames=d.synth_frames, seed=d.synth_seed,
-                    anomaly_share=d.synth_anomaly_share, braking_share=d.synth_braking_share,
-                    progress=os.environ.get("SPARSE_AD_NO_PROGRESS", "") == "")
+                    anomaly_share=d.synth_anomaly_share, braking_share=d.synth_braking_share)
         done.write_text("ok\n")
     return root
 

@@ -138,12 +138,11 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
 def _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer) -> tuple[StepStats, bool]:
     """One pass over the training loader; returns its stats and whether a stop signal ended
     it early (under DDP: on any rank, so that all ranks stop after the same step)."""
-    from tqdm import tqdm
+    from sparse_ad.io import progress_bar
 
     state.model.train()
     stats = StepStats(**state.epoch_stats) if state.step_in_epoch else StepStats()   # resumed mid-epoch
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", disable=not rt.show_progress,
-               leave=False)
+    bar = progress_bar(loader, rt.is_main, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", leave=False)
     for step, batch in enumerate(bar):
         if step < state.step_in_epoch:  # resumed mid-epoch: these steps were done before the stop
             continue

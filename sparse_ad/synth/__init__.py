@@ -41,10 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from sparse_ad.errors import ConfigError
-from sparse_ad.io import atomic_write_text
+from sparse_ad.io import atomic_write_text, progress_bar
 from sparse_ad.synth.scenario import plan_scenario
 from sparse_ad.synth.sensors import DEFAULT_POINTS_PER_SWEEP, SENSOR_SETS, sensor_setup
 from sparse_ad.synth.writer import write_scenario
@@ -144,7 +143,7 @@ def write_split(out: Path, scenarios: int, frames: int, seed: int, anomaly_share
     setup, names = sensor_setup(sets, points_per_sweep, seed)
     summary = SplitSummary(out, [], frames, [], 0, 0.0, points_per_sweep=points_per_sweep, sensor_sets=sensor_sets)
     plans_meta = []
-    with tqdm(total=scenarios * frames, disable=not progress, desc="synth", unit="frame") as bar:
+    with progress_bar(None, progress, total=scenarios * frames, desc="synth", unit="frame") as bar:
         for plan in plan_split(scenarios, frames, seed, anomaly_share, braking_share):
             stats = write_scenario(out, plan, sets, names, setup, points_per_sweep, tick=bar.update)
             sid = plan.scenario_id
