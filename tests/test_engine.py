@@ -214,17 +214,21 @@ def test_eval_preds_protocol_on_crafted_grid(tiny_split, tmp_path):
     split = open_split(tiny_split, None)
     ref = split.frames[0]
     gt = np.load(ref.scenario.voxel_grid_file(ref.frame))
+    # an ego-vehicle voxel (tag 214, ignored) that the prediction scores as high as any anomaly
+    gt = np.concatenate([gt, np.array([[500, 500, 32, 214]], np.uint16)])
+    np.save(ref.scenario.voxel_grid_file(ref.frame), gt)
     anomalous = gt[:, 3] == 29
     assert anomalous.any()
-    # prediction: every GT voxel scored by whether it is an anomaly, plus voxels not in the GT
+    # prediction: every GT voxel scored by whether it is an anomaly (the ignored one: 1),
+    # plus voxels not in the GT
     extra = np.array([[999, 999, 63, 1.0], [0, 0, 0, 1.0]], np.float32)
-    pred = np.concatenate([np.c_[gt[:, :3], anomalous].astype(np.float32), extra])
+    pred = np.concatenate([np.c_[gt[:, :3], anomalous | (gt[:, 3] == 214)].astype(np.float32), extra])
     path = prediction_file(tmp_path / "p", ref)
     path.parent.mkdir(parents=True)
     np.save(path, pred)
     res = evaluate_predictions(tmp_path / "p", tiny_split, tmp_path / "m.json", cfg, progress=False)
     na = res["normality_included"]
-    assert na["voxels"] == len(gt) and na["anomaly_voxels"] == int(anomalous.sum())
+    assert na["voxels"] == len(gt) - 1 and na["anomaly_voxels"] == int(anomalous.sum())
     assert na["auroc"] == 1.0 and na["aupr"] == 1.0 and na["recall"] == 1.0 and na["precision"] == 1.0
     assert res["frames"] == 1 and res["missing_predictions"] == len(split.frames) - 1
 
@@ -261,10 +265,13 @@ def test_bench_model_smoke():
 
     r = bench_model(None, ["model.channels=[8,16]", "model.blocks_per_level=1", "model.test_views=4"], points=4000,
                     batch_size=1, repeats=1, warmup=0, device="cpu", latency_rounds=3)
-    assert r["train_frames_per_s"] > 0 and r["inference_ms_per_frame"] > 0 and r["voxels_per_frame"] > 100
+    # the numbers' meaning and bookkeeping, not their speed (timings are the tool's output)
+    assert r["voxels_per_frame"] > 100 and r["test_views"] == 4 and r["points_per_frame"] == 4000
+    assert r["train_frames_per_s"] == pytest.approx(1e3 / r["train_step_ms"])
     s = r["inference_spread_ms"]["inference"]
     assert s["p10"] <= s["median"] == r["inference_ms_per_frame"] <= s["p90"]
-    assert r["test_views"] == 4 and r["inference_views_ms_per_frame"] > 0
+    assert set(r["inference_spread_ms"]) >= {"inference_views", "inference_gather_gemm", "eval_batch"}
+    assert r["gather_gemm_max_abs_diff"] < 1e-4 and r["graphs_error"] is None   # same probabilities (fp32)
     assert "training throughput" in format_table(r) and "with 4 test views" in format_table(r)
 
 

@@ -297,3 +297,19 @@ def test_bench_smoke(tmp_path):
     assert "sparse_ad numba" in format_table(report["results"])
     with pytest.raises(SparseADError, match="device must be"):
         bench_voxelize(device="tpu")
+
+
+def test_bench_refuses_to_time_methods_that_disagree(monkeypatch):
+    from sparse_ad import bench
+
+    real = bench.numpy_reference
+
+    def off_by_one(points, grid):   # a reference that puts the first point in another voxel
+        keys, p2v = real(points, grid)
+        keys = keys.copy()
+        keys[p2v[0]] += 1
+        return keys, p2v
+
+    monkeypatch.setattr(bench, "numpy_reference", off_by_one)
+    with pytest.raises(SparseADError, match="disagree on 3000 points at 0.5 m; not timing a wrong result"):
+        bench.bench_voxelize(sizes=(3000,), resolutions=(0.5,), device="cpu", repeats=1)
