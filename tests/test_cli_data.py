@@ -11,6 +11,21 @@ from sparse_ad.cli import main
 from tests.conftest import MONO_SEM
 
 
+def test_voxelize_gt_on_hand_computed_voxels(tmp_path):
+    """Worked by hand from the AnoVox rule (sensor at (0, 0, 1.8): z' = z - 1.8; q = p' + (250,
+    250, 16); idx = floor(q / 0.5)): a road-line point wins its voxel; otherwise the point
+    nearest the voxel's minimum corner does, whatever the order."""
+    pts = np.array([[10.2, 0.3, -1.5, 1],      # q (260.2, 250.3, 12.7) -> (520, 500, 25), road
+                    [10.4, 0.1, -1.6, 24],     # same voxel, road line: the voxel is 24
+                    [0.1, 0.1, 2.0, 14],       # q (250.1, 250.1, 16.2) -> (500, 500, 32), car
+                    [0.01, 0.02, 1.85, 29]],   # same voxel, r = (.01, .02, .05): nearest the corner
+                   np.float32)
+    np.save(tmp_path / "sem.npy", pts)
+    assert main(["voxelize-gt", str(tmp_path / "sem.npy"), str(tmp_path / "vg.npy"), "--location", "0", "0",
+                 "1.8"]) == 0
+    assert np.load(tmp_path / "vg.npy").tolist() == [[520, 500, 25, 24], [500, 500, 32, 29]]   # key order
+
+
 def test_voxelize_gt_reproduces_voxel_grid_row_for_row(tiny_split, tmp_path):
     sc = sorted(tiny_split.glob("Scenario_*"))[0]
     src = sc / MONO_SEM / f"{MONO_SEM}_100.npy"

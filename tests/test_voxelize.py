@@ -181,15 +181,17 @@ def test_negative_zero_on_a_zero_offset_grid():
 
 
 def test_fine_grid_rounding_guard():
-    """With 0.1 m voxels floor(q / 0.1) can round up to the shape for q just below the
-    extent; such points are dropped (`grid.index` does the same), never given index = shape."""
-    grid = VoxelGrid().with_resolution(0.1)
-    below = np.nextafter(250.0, 0.0)
-    vox = voxelize(np.array([[below, 0.0, 0.0]]), grid)
-    idx, valid = grid.index(np.array([[below, 0.0, 0.0]]))
-    assert vox.point2voxel[0] == (0 if valid[0] else -1)
-    if valid[0]:
-        assert vox.coords[0, 0] == idx[0, 0] < grid.shape[0]
+    """floor(q / r) can round up to the shape for q just below the extent: with r = 0.1 and 17
+    voxels, q = nextafter(1.7000000000000002, 0) = 1.7 is inside the box but 1.7 / 0.1 is
+    exactly 17.0. Such points are dropped (`grid.index` does the same), never given index 17."""
+    grid = VoxelGrid(0.1, (17, 17, 17), (0.0, 0.0, 0.0))
+    q = np.nextafter(grid.extent[0], 0.0)
+    assert q < grid.extent[0] and np.floor(q / grid.resolution) == 17     # the case is real
+    points = np.array([[q, 0.05, 0.05], [1.65, 0.05, 0.05]])
+    vox = voxelize(points, grid)
+    idx, valid = grid.index(points)
+    assert valid.tolist() == [False, True] and vox.point2voxel.tolist() == [-1, 0]
+    assert vox.coords.tolist() == [[16, 0, 0]] == idx[1:].tolist()
 
 
 def test_nonfinite_points_are_dropped_and_counted():
