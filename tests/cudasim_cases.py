@@ -108,6 +108,17 @@ def test_many_points_in_one_voxel_across_blocks():
     assert_same(dev, voxelize_cpu(points, grid, tags))
 
 
+def test_rounding_guard_at_the_far_face():
+    """q just below the extent whose floor(q / r) rounds up to the shape (r = 0.1, 17 voxels,
+    q = 1.7): dropped as outside, on the device as on the CPU."""
+    grid = VoxelGrid(0.1, (17, 17, 17), (0.0, 0.0, 0.0))
+    q = np.nextafter(grid.extent[0], 0.0)
+    points = np.array([[q, 0.05, 0.05, 1.0], [1.65, 0.05, 0.05, 1.0], [0.05, q, q, 1.0]])
+    dev = run_device(points, grid)
+    assert dev.point2voxel.tolist() == [-1, 0, -1] and int(dev.n_outside) == 2
+    assert_same(dev, voxelize_cpu(points, grid))
+
+
 @pytest.mark.parametrize("case", ["empty", "all-nan", "all-outside"])
 def test_no_voxels(case):
     points = {"empty": np.zeros((0, 4), np.float32),
