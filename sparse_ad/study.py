@@ -182,7 +182,9 @@ def _check_reusable(row: dict, cfg, test_root: Path, run_dir: Path) -> None:
     and pair with a baseline, numbers of another recipe under this one's name."""
     saved = run_dir / "config.yaml"
     changed = changed_settings(yaml.safe_load(saved.read_text()) or {}, cfg) if saved.exists() else ""
-    if row.get("test_split", str(test_root)) != str(test_root):
+    # the split's folder name encodes what made it (scenarios, frames, shares, seed); the cache
+    # around it may move
+    if Path(row.get("test_split", str(test_root))).name != test_root.name:
         changed = ", ".join(filter(None, [changed, f"test split {row['test_split']} (now {test_root})"]))
     if changed:
         raise ConfigError(f"{run_dir}: this finished seed was trained with {changed}; use another --out, or "
