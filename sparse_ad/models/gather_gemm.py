@@ -50,7 +50,7 @@ from torch import nn
 
 from sparse_ad.errors import SparseADError
 from sparse_ad.models.inference import FusedBlock, FusedConv, InferenceUNet, copy_levels
-from sparse_ad.models.spunet import SpUNetOutput, heads, padded_shape
+from sparse_ad.models.spunet import SpUNetOutput, check_features, heads, padded_shape
 
 _TAPS27 = list(itertools.product((-1, 0, 1), repeat=3))   # tap k = 9 kx + 3 ky + kz, offset k - 1
 
@@ -250,14 +250,9 @@ class GatherGemmUNet(nn.Module):
                 f = blk(f, maps[level].table, self._rows(27, f.shape[1]))
         return f
 
-    def check_input(self, x) -> None:
-        if x.features.shape[1] != self.in_channels:
-            raise SparseADError(f"model input: expected {self.in_channels} feature channels, "
-                                f"found {x.features.shape[1]} (model.in_channels in the config)")
-
     @torch.inference_mode()
     def forward(self, x) -> SpUNetOutput:
-        self.check_input(x)
+        check_features(x, self.in_channels)
         feats = x.features
         maps = self.plan(x.indices.long(), x.spatial_shape)
         f = _padded(feats.shape[0], feats.shape[1], feats, self.dtype)

@@ -28,7 +28,7 @@ from torch import nn
 
 from sparse_ad.errors import SparseADError
 from sparse_ad.models.gather_gemm import GatherGemmUNet, LevelMaps
-from sparse_ad.models.spunet import SpUNetOutput, heads
+from sparse_ad.models.spunet import SpUNetOutput, check_features, heads
 
 
 def bucket(n: int) -> int:
@@ -88,7 +88,7 @@ class GraphedGatherGemm(nn.Module):
 
     @torch.inference_mode()
     def forward(self, x) -> SpUNetOutput:
-        self.net.check_input(x)
+        check_features(x, self.in_channels)
         feats = x.features
         maps = self.net.plan(x.indices.long(), x.spatial_shape, rows=bucket)
         rows = tuple(bucket(m.table.shape[0]) for m in maps)

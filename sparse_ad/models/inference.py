@@ -34,7 +34,7 @@ from torch import nn
 from sparse_ad.config import DEFAULT_ENGINE, INFERENCE_ENGINES
 from sparse_ad.errors import SparseADError
 from sparse_ad.models.sparse_tensor import conv_algo
-from sparse_ad.models.spunet import ResidualBlock, SpUNet, SpUNetOutput, heads, padded_shape
+from sparse_ad.models.spunet import ResidualBlock, SpUNet, SpUNetOutput, check_features, heads, padded_shape
 
 
 def _fold(conv: SparseConvolution, bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,10 +134,8 @@ class InferenceUNet(nn.Module):
 
     @torch.inference_mode()   # no autograd bookkeeping at all (cheaper per op than no_grad)
     def forward(self, x: spconv.SparseConvTensor) -> SpUNetOutput:
+        check_features(x, self.in_channels)
         feats = x.features
-        if feats.shape[1] != self.in_channels:
-            raise SparseADError(f"model input: expected {self.in_channels} feature channels, "
-                                f"found {feats.shape[1]} (model.in_channels in the config)")
         self._use_device(feats.device)
         x = spconv.SparseConvTensor(feats.to(self.dtype), x.indices, padded_shape(x.spatial_shape, self.stride),
                                     x.batch_size)

@@ -42,6 +42,14 @@ def input_features(sweeps: int) -> tuple[str, ...]:
     return VOXEL_FEATURES + ((SWEEP_FEATURE,) if sweeps > 1 else ())
 
 
+def check_features(x, in_channels: int) -> None:
+    """The sparse tensor `x` carries the feature channels the model was built for (every
+    engine's forward checks it: a wrong count would otherwise fail deep inside a GEMM)."""
+    if x.features.shape[1] != in_channels:
+        raise SparseADError(f"model input: expected {in_channels} feature channels, "
+                            f"found {x.features.shape[1]} (model.in_channels in the config)")
+
+
 def check_input_channels(in_channels: int, sweeps: int) -> None:
     """model.in_channels must match what the data gives; say which value does."""
     names = input_features(sweeps)
@@ -120,9 +128,7 @@ class SpUNet(nn.Module):
         return 2 ** len(self.down)
 
     def forward(self, x: spconv.SparseConvTensor) -> SpUNetOutput:
-        if x.features.shape[1] != self.in_channels:
-            raise SparseADError(f"model input: expected {self.in_channels} feature channels, "
-                                f"found {x.features.shape[1]} (model.in_channels in the config)")
+        check_features(x, self.in_channels)
         self._use_algo(conv_algo(x.features.device))
         # A stride-2 conv drops the last voxel of an odd-sized axis, so widen the box (not the
         # indices) to a multiple of the total stride: 1000 -> 1008 on AnoVox x/y.
