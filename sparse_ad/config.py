@@ -268,10 +268,12 @@ _RANGES = {   # key: the interval it must lie in, "[" / "(" ends, None unbounded
 }
 
 
-def check_ranges(cfg: Config) -> None:
+def check_ranges(cfg: Config, keys=tuple(_RANGES)) -> None:
     """Numbers that torch or the DataLoader would reject with a traceback, or accept and
-    misbehave on (a 0 validation share still holds one scenario out), as one-line errors."""
-    for key, interval in _RANGES.items():
+    misbehave on (a 0 validation share still holds one scenario out), as one-line errors.
+    `keys`: only these settings (e.g. the ones `eval --batch-size/--workers` set)."""
+    for key in keys:
+        interval = _RANGES[key]
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
         lo, hi = (None if x.strip() == "None" else float(x) for x in interval[1:-1].split(","))

@@ -56,6 +56,16 @@ def test_no_progress_silences_every_bar(trained, tmp_path, monkeypatch, capsys):
     assert "eval:" not in capsys.readouterr().err
 
 
+def test_eval_batch_size_and_workers_are_range_checked(trained, tmp_path):
+    from sparse_ad.errors import ConfigError
+
+    _, run, _ = trained
+    with pytest.raises(ConfigError, match=r"train.batch_size: expected a number in \[1, inf\), found 0"):
+        evaluate_checkpoint(run / "best.pt", tmp_path / "e", progress=False, scoring=Scoring(batch_size=0))
+    with pytest.raises(ConfigError, match=r"data.num_workers: expected .*found -1"):
+        evaluate_checkpoint(run / "best.pt", tmp_path / "e", progress=False, scoring=Scoring(workers=-1))
+
+
 def test_resuming_under_other_settings_is_refused_naming_them(trained, tmp_path):
     """More epochs would hand the finished one-cycle schedule steps it does not have; how the
     machine runs it (workers, log interval, device) may change."""

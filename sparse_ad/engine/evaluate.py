@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparse_ad.config import Config, config_from_saved
+from sparse_ad.config import Config, check_ranges, config_from_saved
 from sparse_ad.data.anovox import FrameRef, open_split
 from sparse_ad.data.files import load_voxel_grid, read_kv_csv
 from sparse_ad.data.in_flight import naming_dead_workers
 from sparse_ad.data.labels import GroundTruth, target_table
 from sparse_ad.engine.protocol import ProtocolAccumulator, scored_voxels
-from sparse_ad.errors import ConfigError, SparseADError
+from sparse_ad.errors import SparseADError
 from sparse_ad.grid import VoxelGrid
 from sparse_ad.io import atomic_write_text, load_npy
 
@@ -132,13 +132,10 @@ def load_checkpoint_model(checkpoint: Path, device: torch.device, scoring: Scori
         cfg.model.test_views = views
     check_views(cfg.model.test_views, cfg.grid.shape)
     if scoring.batch_size is not None:
-        if scoring.batch_size < 1:
-            raise ConfigError(f"batch size: expected >= 1, found {scoring.batch_size}")
         cfg.train.batch_size = scoring.batch_size
     if scoring.workers is not None:
-        if scoring.workers < 0:
-            raise ConfigError(f"workers: expected >= 0, found {scoring.workers}")
         cfg.data.num_workers = scoring.workers
+    check_ranges(cfg, ("train.batch_size", "data.num_workers"))
     model = build_model(cfg.model)
     model.load_state_dict(ck["model"])
     fused = fuse_for_inference(model.to(device).eval(), half=device.type == "cuda", engine=scoring.engine)
