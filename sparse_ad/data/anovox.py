@@ -237,19 +237,19 @@ def _sensor_from_setup(folder: Path, entry: dict, path: Path) -> Sensor:
     ending = entry.get("file_ending") or _guess_ending(folder, stype)
     if not ending.startswith("."):
         ending = "." + ending
-    pose = []
-    for what, group in (("location", "loc"), ("rotation", "rot")):   # missing: the folder name says
-        if entry.get(what) is None and named is not None:
-            pose.append(_vec3(named[group].split(","), folder, f"{what} (from the folder name)"))
-        else:
-            pose.append(_vec3(entry.get(what), path, what))
+    pose = [_from_name(named, what, folder) if entry.get(what) is None and named else _vec3(entry.get(what), path, what)
+            for what in ("location", "rotation")]   # missing from the file: the folder name says it
     return Sensor(folder.name, str(stype), *pose, ending, folder)
 
 
+def _from_name(m: re.Match, what: str, folder: Path) -> tuple[float, float, float]:
+    """The location or rotation tuple printed in a sensor folder's name."""
+    return _vec3(m["loc" if what == "location" else "rot"].split(","), folder, f"{what} (from the folder name)")
+
+
 def _sensor_from_name(folder: Path, m: re.Match) -> Sensor:
-    loc = _vec3(m["loc"].split(","), folder, "location (from the folder name)")
-    rot = _vec3(m["rot"].split(","), folder, "rotation (from the folder name)")
-    return Sensor(folder.name, m["type"], loc, rot, _guess_ending(folder, m["type"]), folder)
+    return Sensor(folder.name, m["type"], _from_name(m, "location", folder), _from_name(m, "rotation", folder),
+                  _guess_ending(folder, m["type"]), folder)
 
 
 def _guess_ending(folder: Path, sensor_type: str) -> str:
