@@ -131,6 +131,17 @@ def test_semantic_pcd_rgb_is_read_in_its_own_type(tmp_path, xyz_type, rgb_type):
     assert pts[:, 3].tolist() == [29, 1] and pts[:, :3].tolist() == [[1, 2, 3], [4, 5, 6]]
 
 
+@pytest.mark.parametrize("bad", [70000.0, -3.0, np.nan, 5.7])
+def test_semantic_pcd_tag_field_is_checked_like_npy(tmp_path, bad):
+    """A PCD's tag field goes through the same check: 70000 would wrap to 4464 in the uint16
+    ground truth, NaN become 0, 5.7 round to 6 — all silently."""
+    from pypcd4 import PointCloud
+
+    PointCloud.from_xyzl_points(np.array([[10, 0, 0, 1], [11, 0, 0, bad]], np.float32)).save(tmp_path / "s.pcd")
+    with pytest.raises(SparseADError, match="s.pcd: 1 semantic tags are not integers"):
+        load_points(tmp_path / "s.pcd", semantic=True)
+
+
 def test_csv_parsing(tmp_path):
     p = tmp_path / "A.csv"
     p.write_text("anomaly_is_alive ; False\nspeed ; 3.5\nname ; some text ; with separator\n"

@@ -23,9 +23,10 @@ def load_points(path: Path, semantic: bool = False) -> np.ndarray:
     """(N, 4) float32 = x, y, z, intensity (LIDAR) or semantic tag (SEMANTIC-LIDAR)."""
     path = Path(path)
     if path.suffix == ".pcd":
-        return _load_pcd(path, semantic)
-    pts = load_npy(path, ncols=4, kinds="f", dtype=np.float32)
-    if semantic:
+        pts = _load_pcd(path, semantic)
+    else:
+        pts = load_npy(path, ncols=4, kinds="f", dtype=np.float32)
+    if semantic:   # both formats: a tag field of a PCD can hold anything its writer put there
         _check_tags(pts[:, 3], path)
     return pts
 
