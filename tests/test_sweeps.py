@@ -142,6 +142,23 @@ def test_sweep_settings_that_cannot_work_are_refused_with_the_fix(tiny_split):
     assert stacked_grid_points(FrameRef(sc, sc.frames[0]), "LIDAR", 2, ANOVOX).shape[1] == 5
 
 
+def test_earlier_sweeps_need_points_and_a_pose_not_ground_truth(tiny_split):
+    """A frame without VOXEL_GRID still gives its sweep (so eval and predict stack the same
+    ones), and one without ACTION is passed over instead of breaking the frames after it."""
+    folder = open_split(tiny_split).scenarios[0].path
+    (folder / "VOXEL_GRID" / "VOXEL_GRID_101.npy").unlink()
+    for need_gt in (True, False):
+        sc = open_split(tiny_split, need_gt=need_gt).scenarios[0]
+        assert sc.frames == ([100, 102] if need_gt else [100, 101, 102])
+        assert earlier_frames(FrameRef(sc, 102), 2) == [101, 100]
+    (folder / "ACTION" / "ACTION_101.csv").unlink()
+    sc = open_split(tiny_split, need_gt=False).scenarios[0]
+    assert earlier_frames(FrameRef(sc, 102), 2) == [100]
+    assert stacked_grid_points(FrameRef(sc, 102), "LIDAR", 3, ANOVOX)[:, 4].max() == 0.5   # lag 1/2: frame 100
+    with pytest.raises(SparseADError, match=r"ACTION_101\.csv: missing"):   # its own pose is needed
+        stacked_grid_points(FrameRef(sc, 101), "LIDAR", 3, ANOVOX)
+
+
 def test_several_lidars_are_refused(tiny_split):
     sc = open_split(tiny_split).scenarios[0]
     sc.sensors.append(sc.sensors_of("LIDAR")[0])

@@ -59,6 +59,10 @@ class Scenario:
     path: Path
     sensors: list[Sensor]
     frames: list[int] = field(default_factory=list)   # usable frames, ascending
+    # frames an earlier sweep can come from (`data.sweeps`): point files and an ACTION pose,
+    # ground truth or not, so eval and predict stack the same sweeps and one missing ACTION
+    # costs one frame, not the next `sweeps - 1` too
+    sweep_frames: list[int] = field(default_factory=list)
 
     def sensors_of(self, sensor_type: str) -> list[Sensor]:
         return [s for s in self.sensors if s.sensor_type == sensor_type]
@@ -149,6 +153,7 @@ def open_split(root: str | Path, sensor_type: str | None = "LIDAR", need_gt: boo
                 warnings.warn(f"{folder}: no {sensor_type} sensor folder; scenario skipped", stacklevel=2)
                 continue
             sets = [s.frames() for s in lidars]
+            sc.sweep_frames = sorted(set.intersection(*sets) & _frames_in(folder / "ACTION", "ACTION_", ".csv"))
         if need_gt or not sets:
             sets.append(_frames_in(folder / "VOXEL_GRID", "VOXEL_GRID_", ".npy"))
         common = set.intersection(*sets)

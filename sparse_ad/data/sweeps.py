@@ -15,7 +15,7 @@ the current frame's grid and its ground truth labels them all (`per_point.point_
 A point of an object that moved lands where the object no longer is: usually a voxel the
 current ground truth does not hold, whose target is "ignore" and which the AnoVox protocol
 does not score. Each point carries its sweep's lag, k / (sweeps - 1) for the k-th earlier
-usable frame (0 for the current one), and the voxel feature is its mean.
+frame with points and a pose (0 for the current one), and the voxel feature is its mean.
 
 One LiDAR per scenario (mono splits): the pose in ACTION is that of one sensor set, so a
 split with several sets is refused rather than registered approximately.
@@ -41,8 +41,9 @@ def check_sweeps(sweeps: int) -> None:
 
 
 def earlier_frames(ref: FrameRef, count: int) -> list[int]:
-    """The `count` usable frames before `ref` in its scenario, nearest first (fewer at the start)."""
-    frames = ref.scenario.frames
+    """The `count` frames before `ref` in its scenario that have points and a pose
+    (`Scenario.sweep_frames`), nearest first (fewer at the start)."""
+    frames = ref.scenario.sweep_frames
     i = int(np.searchsorted(frames, ref.frame))
     return [frames[j] for j in range(i - 1, max(i - 1 - count, -1), -1)]
 
