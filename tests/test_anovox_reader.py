@@ -47,6 +47,16 @@ def test_a_setup_entry_without_a_pose_takes_it_from_the_folder_name(tiny_split):
     assert lidar.location == (0.0, 0.0, 1.8) and lidar.rotation == (0.0, 0.0, 5.0)
 
 
+@pytest.mark.parametrize("key,value", [("file_ending", 5), ("sensor_type", ["LIDAR"])])
+def test_a_setup_entry_with_a_non_string_type_or_ending_is_refused(tiny_split, key, value):
+    p = next(tiny_split.glob("Scenario_*/sensor_setup.json"))
+    data = json.loads(p.read_text())
+    data[MONO][key] = value
+    p.write_text(json.dumps(data))
+    with pytest.raises(SparseADError, match=rf"sensor_setup.json: entry .* has {key} .*must be a string"):
+        open_split(tiny_split)
+
+
 def test_frames_missing_a_modality_are_skipped_and_counted(tiny_split):
     sc = sorted(tiny_split.glob("Scenario_*"))[0]
     (sc / "VOXEL_GRID" / "VOXEL_GRID_101.npy").unlink()

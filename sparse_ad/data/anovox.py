@@ -235,6 +235,10 @@ def _sensor_from_setup(folder: Path, entry: dict, path: Path) -> Sensor:
     if not isinstance(entry, dict):
         raise SparseADError(f"{path}: entry {folder.name!r} must be an object")
     named = SENSOR_FOLDER.match(folder.name)
+    for key in ("sensor_type", "file_ending"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            raise SparseADError(f"{path}: entry {folder.name!r} has {key} {entry[key]!r}; it must be a string "
+                                "(e.g. \"LIDAR\", \".npy\") — fix it or delete the key")
     stype = entry.get("sensor_type") or (named["type"] if named else None)
     if not stype:
         raise SparseADError(f"{path}: entry {folder.name!r} has no sensor_type, and the folder name does not "
@@ -244,7 +248,7 @@ def _sensor_from_setup(folder: Path, entry: dict, path: Path) -> Sensor:
         ending = "." + ending
     pose = [_from_name(named, what, folder) if entry.get(what) is None and named else _vec3(entry.get(what), path, what)
             for what in ("location", "rotation")]   # missing from the file: the folder name says it
-    return Sensor(folder.name, str(stype), *pose, ending, folder)
+    return Sensor(folder.name, stype, *pose, ending, folder)
 
 
 def _from_name(m: re.Match, what: str, folder: Path) -> tuple[float, float, float]:
