@@ -75,7 +75,11 @@ def _claim(out_dir: Path, grid: VoxelGrid) -> None:
     marker = out_dir / "voxelize_gt.json"
     want = {"resolution": grid.resolution, "shape": list(grid.shape), "offset": list(grid.offset)}
     if marker.exists():
-        have = json.loads(marker.read_text())
+        try:
+            have = json.loads(marker.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{marker}: unreadable ({e}); delete it (it records the grid of the ground truth "
+                              "there) or pick another --out") from None
         if have != want:
             raise ConfigError(f"{out_dir}: holds ground truth on another grid ({have}); pick another --out, or "
                               "delete it to regenerate")

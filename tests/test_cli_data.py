@@ -59,6 +59,9 @@ def test_voxelize_gt_whole_split_at_another_resolution(tiny_split, tmp_path, cap
     assert main(["voxelize-gt", "--split", str(tiny_split), "--out", str(out), "--resolution", "0.25"]) == 0
     assert main(["voxelize-gt", "--split", str(tiny_split), "--out", str(out)]) == 2
     assert "holds ground truth on another grid" in capsys.readouterr().err
+    (out / "voxelize_gt.json").write_text("{bad")
+    assert main(["voxelize-gt", "--split", str(tiny_split), "--out", str(out), "--resolution", "0.25"]) == 2
+    assert "voxelize_gt.json: unreadable" in capsys.readouterr().err
     for bad in ("0", "nan", "-1"):
         assert main(["voxelize-gt", "--split", str(tiny_split), "--out", str(tmp_path / bad), "--resolution",
                      bad]) == 2
