@@ -265,6 +265,7 @@ _RANGES = {   # key: the interval it must lie in, "[" / "(" ends, None unbounded
     "data.num_workers": "[0, None)", "data.max_frames": "[0, None)", "data.val_fraction": "(0, 1)",
     "data.max_skip_fraction": "[0, 1]", "optim.lr": "(0, None)", "optim.weight_decay": "[0, None)",
     "optim.grad_clip": "[0, None)",
+    "train.seed": "[0, None)", "data.split_seed": "[0, None)", "data.synth_seed": "[0, None)",   # numpy seeds
 }
 
 

@@ -101,7 +101,9 @@ def test_a_resolution_without_its_shape_is_refused():
     ("train.batch_size=0", "train.batch_size: expected"), ("data.num_workers=-1", "data.num_workers: expected"),
     ("data.val_fraction=0", r"expected a number in \(0, 1\)"), ("train.ema_decay=1.0", r"in \[0, 1\), found 1.0"),
     ("optim.lr=0", r"optim.lr: expected a number in \(0, inf\)"), ("data.val_fraction=.nan", "found nan"),
-    ("optim.grad_clip=.inf", "optim.grad_clip: expected a number in .*found inf")])
+    ("optim.grad_clip=.inf", "optim.grad_clip: expected a number in .*found inf"),
+    ("train.seed=-1", r"train.seed: expected a number in \[0, inf\), found -1"), ("data.split_seed=-1", "split_seed"),
+    ("data.synth_seed=-2", "synth_seed")])
 def test_out_of_range_numbers_are_one_line_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("configs/demo.yaml", [override])
