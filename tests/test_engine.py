@@ -243,6 +243,55 @@ def test_eval_preds_protocol_on_crafted_grid(tiny_split, tmp_path):
     assert res["frames"] == 1 and res["missing_predictions"] == len(split.frames) - 1
 
 
+def test_eval_preds_anomaly_frames_are_the_ones_the_lidar_sees_whatever_a_method_predicts(tiny_split, tmp_path):
+    """"Anomalies only" = frames whose anomaly voxels the split's LiDAR hits, decided from the
+    split's own LiDAR file, so methods that predict more or fewer voxels share the frames."""
+    from sparse_ad.data.anovox import open_split
+    from sparse_ad.engine.evaluate import prediction_file
+
+    cfg = load_config(None, [])
+    refs = [r for r in open_split(tiny_split, None).frames
+            if (np.load(r.scenario.voxel_grid_file(r.frame))[:, 3] == 29).any()]
+    a, b, c = refs[:3]
+    lidar = a.scenario.sensors_of("LIDAR")[0].file(a.frame)      # a: its LiDAR misses the object
+    pts = np.load(lidar)
+    np.save(lidar, pts[~((np.abs(pts[:, 0] - 8.75) < 1.5) & (np.abs(pts[:, 1]) < 1.5))])
+    c.scenario.sensors_of("LIDAR")[0].file(c.frame).unlink()    # c: no LiDAR file at all
+    sizes = {}
+    for ref in (a, b, c):
+        gt = np.load(ref.scenario.voxel_grid_file(ref.frame))
+        if ref is b:                                              # b: a method that predicts none of its voxels
+            gt = gt[gt[:, 3] != 29]
+        sizes[ref.name] = len(gt)
+        path = prediction_file(tmp_path / "p", ref)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, np.c_[gt[:, :3], gt[:, 3] == 29].astype(np.float32))   # every GT voxel of a and c
+    with pytest.warns(UserWarning, match="1 scored frame.* have no LIDAR file"):
+        res = evaluate_predictions(tmp_path / "p", tiny_split, tmp_path / "m.json", cfg, progress=False)
+    assert res["frames"] == 3 and res["anomaly_frames"] == 2 and res["anomaly_frames_without_lidar"] == 1
+    assert res["anomalies_only"]["voxels"] == sizes[b.name] + sizes[c.name]   # b by its LiDAR, c by its prediction
+    assert res["objects"]["objects"] == 1                                     # only c has object voxels scored
+
+
+def test_eval_preds_keeps_float64_scores(tiny_split, tmp_path):
+    """Scores 1e-9 apart in a float64 file rank as they are (float32 would tie them)."""
+    from sklearn.metrics import roc_auc_score
+
+    from sparse_ad.data.anovox import open_split
+    from sparse_ad.engine.evaluate import prediction_file
+
+    ref = next(r for r in open_split(tiny_split, None).frames
+               if (np.load(r.scenario.voxel_grid_file(r.frame))[:, 3] == 29).any())
+    gt = np.load(ref.scenario.voxel_grid_file(ref.frame))
+    path = prediction_file(tmp_path / "p", ref)
+    path.parent.mkdir(parents=True)
+    np.save(path, np.c_[gt[:, :3], 0.5 + 1e-9 * (gt[:, 3] == 29)].astype(np.float64))
+    with pytest.warns(UserWarning, match="no prediction file"):
+        res = evaluate_predictions(tmp_path / "p", tiny_split, tmp_path / "m.json", load_config(None, []),
+                                   progress=False)
+    assert res["normality_included"]["auroc"] == roc_auc_score(gt[:, 3] == 29, 0.5 + 1e-9 * (gt[:, 3] == 29)) == 1.0
+
+
 def test_eval_preds_histogram_mode_matches_exact_on_binned_scores(tiny_split, tmp_path):
     from sparse_ad.data.anovox import open_split
     from sparse_ad.engine.evaluate import prediction_file

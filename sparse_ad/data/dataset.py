@@ -13,7 +13,7 @@ count, order, or a resumed run's RNG state.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -95,9 +95,7 @@ class FrameDataset:
     def _load(self, index: int, ref: FrameRef) -> Sample:
         frame = load_frame(ref, self.cfg.data.sensor,
                            with_gt=ref.scenario.voxel_grid_file(ref.frame).exists())
-        variant = {"location_sign": self.cfg.transform.location_sign,
-                   "negate_rotation": self.cfg.transform.negate_rotation,
-                   "flip_y": self.cfg.transform.flip_y}
+        variant = asdict(self.cfg.transform)
         if self.cfg.data.sweeps > 1:
             points = stacked_grid_points(ref, self.cfg.data.sensor, self.cfg.data.sweeps, variant, frame)
         else:

@@ -32,7 +32,8 @@ def prediction_file(pred_dir: Path, ref: FrameRef) -> Path:
 
 
 def load_prediction(path: Path, grid: VoxelGrid) -> tuple[np.ndarray, np.ndarray]:
-    """(keys (K,) int64, scores (K,) float32) from a (K, 4) prediction file, checked."""
+    """(keys (K,) int64, scores (K,)) from a (K, 4) prediction file, checked; scores stay
+    float32 when the file is float32 and are float64 otherwise (never rounded into ties)."""
     pred = load_npy(path, ncols=4, kinds="fiu")
     coords = pred[:, :3]
     if len(pred) and (not np.isfinite(pred).all() or (coords != np.round(coords)).any()
@@ -42,7 +43,8 @@ def load_prediction(path: Path, grid: VoxelGrid) -> tuple[np.ndarray, np.ndarray
     keys = grid.keys(coords.astype(np.int64))
     if len(keys) != len(np.unique(keys)):
         raise SparseADError(f"{path}: duplicate voxels; write one row per voxel")
-    return keys, pred[:, 3].astype(np.float32)
+    scores = pred[:, 3]
+    return keys, scores if scores.dtype == np.float32 else scores.astype(np.float64)
 
 
 def frame_size(ref: FrameRef):
@@ -55,6 +57,24 @@ def frame_size(ref: FrameRef):
     except SparseADError as e:
         warnings.warn(f"{e} (size unknown for by_size)", stacklevel=2)
         return None
+
+
+def lidar_hits_anomaly(ref: FrameRef, gt: GroundTruth, cfg: Config, grid: VoxelGrid, lut: np.ndarray) -> bool | None:
+    """Whether the frame's own LiDAR sweep (`data.sensor`, every sensor of that type) hits a
+    ground-truth anomaly voxel: the protocol's "anomalies only" frames. It decides that for
+    `eval-preds` independently of which voxels a method predicts, so every method is scored
+    on the same frames. None when the split has no such point file for the frame."""
+    from dataclasses import asdict
+
+    from sparse_ad.data.anovox import load_frame
+    from sparse_ad.data.labels import ANOMALY
+    from sparse_ad.data.per_point import finite_rows, point_targets
+
+    sensors = ref.scenario.sensors_of(cfg.data.sensor)
+    if not sensors or not all(s.file(ref.frame).exists() for s in sensors):
+        return None
+    points = finite_rows(load_frame(ref, cfg.data.sensor, with_gt=False).grid_points(**asdict(cfg.transform)))
+    return bool((point_targets(points, gt.keys, gt.tags, grid, lut) == ANOMALY).any())
 
 
 def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, threshold: float = 0.5,
@@ -73,7 +93,7 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
     lut = target_table(cfg.labels.anomaly_tags, cfg.labels.ignore_tags)
     split = open_split(data, sensor_type=None, need_gt=True)
     acc = ProtocolAccumulator(histogram_bins=histogram_bins)
-    missing = 0
+    missing = no_lidar = 0
     for ref in progress_bar(split.frames, progress, desc="eval-preds", unit="frame"):
         path = prediction_file(pred_dir, ref)
         if not path.exists():
@@ -82,14 +102,21 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
         keys, scores = load_prediction(path, grid)
         gt_file = ref.scenario.voxel_grid_file(ref.frame)
         gt = GroundTruth.from_rows(load_voxel_grid(gt_file), grid, str(gt_file))
-        acc.add_frame(*scored_voxels(keys, scores, gt, lut), size=frame_size(ref), name=ref.name)
+        seen = lidar_hits_anomaly(ref, gt, cfg, grid, lut)
+        no_lidar += seen is None
+        acc.add_frame(*scored_voxels(keys, scores, gt, lut), size=frame_size(ref), name=ref.name,
+                      anomaly_frame=seen)
     if acc.frames == 0:
         raise SparseADError(f"{pred_dir}: no prediction file matches a frame of {data}; expected names like "
                             f"{prediction_file(pred_dir, split.frames[0])}")
     if missing:
         warnings.warn(f"{missing} frame(s) of {data} have no prediction file and are not scored", stacklevel=2)
+    if no_lidar:
+        warnings.warn(f"{no_lidar} scored frame(s) of {data} have no {cfg.data.sensor} file: whether they count as "
+                      "anomaly frames is decided by the voxels their prediction covers", stacklevel=2)
     result = acc.result(threshold)
     result["missing_predictions"] = missing
+    result["anomaly_frames_without_lidar"] = no_lidar   # frames "anomalies only" took from the prediction
     _write_json(Path(out), result)
     print(format_metrics(result))
     return result

@@ -3,7 +3,7 @@
 Only voxels present in BOTH the prediction and the ground truth are scored (joined by
 linear key), ignore tags are dropped, and scores are pooled over all frames. Results are
 reported over all frames ("normality included"), over frames whose ground truth holds
-anomaly voxels that the prediction covers ("anomalies only"), and per anomaly size.
+anomaly voxels that the LiDAR hits ("anomalies only"), and per anomaly size.
 
 Beside the benchmark's voxel metrics, `objects` looks at each frame's anomaly as one object
 (AnoVox places one per scenario): is any of its voxels detected, and how many normal voxels
@@ -72,10 +72,15 @@ class ProtocolAccumulator:
         """Exact, or binned over [0, 1] (scores here are probabilities) for flat memory."""
         return ScoreAccumulator(histogram_bins=self.histogram_bins, score_range=(0.0, 1.0 + 1e-6))
 
-    def add_frame(self, scores: np.ndarray, labels: np.ndarray, size=None, name: str | None = None) -> None:
-        """scores: (K,) float of scored voxels; labels: (K,) bool anomaly; size: the ANOMALY
-        csv `size`; name: the frame, for the per-object list."""
-        scores = np.asarray(scores, np.float32)
+    def add_frame(self, scores: np.ndarray, labels: np.ndarray, size=None, name: str | None = None,
+                  anomaly_frame: bool | None = None) -> None:
+        """scores: (K,) float of scored voxels (kept in their dtype: rounding float64 scores to
+        float32 would merge distinct scores into ties); labels: (K,) bool anomaly; size: the
+        ANOMALY csv `size`; name: the frame, for the per-object list; anomaly_frame: whether
+        the frame belongs to "anomalies only" (the LiDAR hits an anomaly voxel), default:
+        whether a scored voxel is an anomaly, which is the same when the scored voxels are the
+        LiDAR's own."""
+        scores = np.asarray(scores)
         labels = np.asarray(labels, bool)
         if self.histogram_bins and len(scores) and not (0.0 <= scores.min() and scores.max() <= 1.0):
             raise SparseADError(f"{name or 'a frame'}: scores in [{scores.min():g}, {scores.max():g}], but "
@@ -83,7 +88,7 @@ class ProtocolAccumulator:
                                 "--histogram-bins to score exactly")
         self.frames += 1
         self.all.update(scores, labels)
-        if labels.any():
+        if labels.any() if anomaly_frame is None else anomaly_frame:
             self.anomaly_frames += 1
             self.anomalies_only.update(scores, labels)
             bucket = size_bucket(size) if size is not None else None
@@ -92,6 +97,8 @@ class ProtocolAccumulator:
                     self.by_size[bucket] = self._new()
                 self.by_size[bucket].update(scores, labels)
             hit = scores[labels]
+            if len(hit) == 0:   # the prediction holds none of the object's voxels: no score to list
+                return
             self.objects.append({"frame": name or f"#{self.frames - 1}", "size": bucket, "voxels": int(len(hit)),
                                  "median_score": float(np.median(hit)), "max_score": float(hit.max())})
 
