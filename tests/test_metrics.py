@@ -229,3 +229,25 @@ def test_normal_fraction_ge_exact_and_binned():
     np.testing.assert_array_equal(binned.normal_fraction_ge(edges), [(s[~y] >= v).mean() for v in edges])
     inside = np.array([0.2503, 0.999, 1.0])
     np.testing.assert_array_equal(binned.normal_fraction_ge(inside), [(s[~y] >= v).mean() for v in (0.25, 0.99, 0.99)])
+
+
+@pytest.mark.parametrize("size,bucket", [
+    ((1.5, 2.0, 1.3), "large"), ((0.5, 0.4, 0.9), "small"), (1.2, "medium"), ("[0.48 0.48 0.72]", "small"),
+    ("(1.1, 0.5, 0.5)", "medium"), ("tiny", "small"), ("Big", "large"), ("huge", "large"), ("medium", "medium"),
+    ("Vector3D(x=1)", None), ({"x": 1}, None), (float("nan"), None)])
+def test_size_bucket_reads_extents_numpy_prints_and_carla_size_names(size, bucket):
+    from sparse_ad.engine.protocol import size_bucket
+
+    assert size_bucket(size) == bucket
+
+
+def test_anomaly_frames_without_a_readable_size_are_counted():
+    from sparse_ad.engine.protocol import ProtocolAccumulator
+
+    acc = ProtocolAccumulator()
+    acc.add_frame([0.9, 0.1], [True, False], size="big")
+    acc.add_frame([0.8, 0.2], [True, False], size="Vector3D(x=1)")
+    acc.add_frame([0.7, 0.3], [True, False])
+    acc.add_frame([0.7, 0.3], [False, False], size="what")   # not an anomaly frame: not counted
+    res = acc.result(0.5)
+    assert list(res["by_size"]) == ["large"] and res["by_size_unknown_frames"] == 2

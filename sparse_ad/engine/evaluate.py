@@ -257,6 +257,9 @@ def format_metrics(result: dict) -> str:
         lines.append(f"{name:<20}" + "".join(cells))
     lines.append(f"threshold {result['threshold']:.4f} | frames {result['frames']} "
                  f"({result['anomaly_frames']} with anomalies)")
+    if result.get("by_size_unknown_frames"):
+        lines.append(f"by size: {result['by_size_unknown_frames']} anomaly frame(s) left out, their ANOMALY csv has "
+                     "no readable `size`")
     ob = result.get("objects", {})
     if ob.get("objects"):
         lines.append(f"objects (one per anomaly frame): {ob['objects']} | a voxel detected: {ob['detected']} | "

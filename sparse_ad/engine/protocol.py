@@ -24,13 +24,19 @@ from sparse_ad.metrics import ScoreAccumulator
 
 SIZE_BUCKETS = (("small", 0.0, 1.0), ("medium", 1.0, 2.0), ("large", 2.0, math.inf))
 """Anomaly size buckets by the largest extent (m) of the ANOMALY csv `size`."""
+NAMED_SIZES = {"tiny": "small", "small": "small", "medium": "medium", "big": "large", "large": "large",
+               "huge": "large"}
+"""CARLA's prop size attribute (tiny, small, medium, big, huge) and our bucket names, as buckets."""
 
 
 def size_bucket(size) -> str | None:
-    """Bucket name for an ANOMALY csv `size` value: an (x, y, z) extent, a number (m), or a
-    CARLA size attribute already named small / medium / large."""
-    if isinstance(size, str) and size.strip().lower() in {name for name, _, _ in SIZE_BUCKETS}:
-        return size.strip().lower()
+    """Bucket name for an ANOMALY csv `size` value: an (x, y, z) extent (a tuple, or numbers
+    printed by numpy as `[0.5 0.5 0.7]`), a number (m), or a CARLA size name; None if none."""
+    if isinstance(size, str):
+        text = size.strip().lower()
+        if text in NAMED_SIZES:
+            return NAMED_SIZES[text]
+        size = text.strip("[]()").replace(",", " ").split()
     try:
         extent = max(float(v) for v in size) if isinstance(size, (list, tuple)) else float(size)
     except (TypeError, ValueError):
@@ -57,6 +63,7 @@ class ProtocolAccumulator:
     histogram_bins: int = 0
     frames: int = 0
     anomaly_frames: int = 0
+    unknown_size_frames: int = 0   # anomaly frames left out of by_size (no or unreadable `size`)
     all: ScoreAccumulator = field(init=False)
     anomalies_only: ScoreAccumulator = field(init=False)
     by_size: dict = field(init=False)
@@ -92,6 +99,7 @@ class ProtocolAccumulator:
             self.anomaly_frames += 1
             self.anomalies_only.update(scores, labels)
             bucket = size_bucket(size) if size is not None else None
+            self.unknown_size_frames += bucket is None
             if bucket:
                 if bucket not in self.by_size:
                     self.by_size[bucket] = self._new()
@@ -108,6 +116,7 @@ class ProtocolAccumulator:
                "anomalies_only": self.anomalies_only.compute(threshold).to_dict(),
                "by_size": {name: self.by_size[name].compute(threshold).to_dict()
                            for name, _, _ in SIZE_BUCKETS if name in self.by_size},
+               "by_size_unknown_frames": self.unknown_size_frames,
                "objects": object_summary(self.objects, self.anomalies_only, threshold)}
         return out
 
