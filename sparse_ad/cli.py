@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred-dir", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--threshold", type=float, default=0.5, help="score threshold for recall/precision/F1")
+    p.add_argument("--threshold", type=_finite_float, default=0.5, help="score threshold for recall/precision/F1")
     p.add_argument("--histogram-bins", type=int, default=0,
                    help="approximate metrics with this many score bins over [0, 1] (flat memory for huge splits)")
     _add_config_args(p)
@@ -263,6 +264,17 @@ def _one_line_warnings() -> None:
     # spconv's SparseConvTensor is an fx-proxyable class: torch >= 2.10 logs an is_fx_tracing
     # deprecation at its first construction, mid progress bar, addressed to spconv, not to users
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+
+def _finite_float(text: str) -> float:
+    """A finite number (NaN would write `NaN` into the metrics JSON, which strict parsers reject)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,6 +105,10 @@ def test_output_paths_numbers_and_tools_fail_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench-voxelize", "--sizes", "0"])
     assert e.value.code == 2 and "positive numbers" in capsys.readouterr().err
+    for bad in ("nan", "inf", "x"):
+        with pytest.raises(SystemExit) as e:
+            main(["eval-preds", "--pred-dir", "p", "--data", "d", "--out", "m.json", "--threshold", bad])
+        assert e.value.code == 2 and "--threshold: expected a finite number" in capsys.readouterr().err
     assert lead_vans(["--split", str(tmp_path), "--checkpoint", str(tmp_path / "none.pt")]) == 1
     assert capsys.readouterr().err.strip().startswith("lead_vans: error: ")
 
