@@ -61,6 +61,12 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
 
 
+def _starts_with(path: Path, prefixes: tuple[bytes, ...]) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return head.startswith(prefixes)
+
+
 def load_npy(path: Path, *, ncols: int | None = None, kinds: str = "fiu",
              dtype=None) -> np.ndarray:
     """Load a 2-D numeric `.npy` without ever unpickling.
@@ -74,7 +80,9 @@ def load_npy(path: Path, *, ncols: int | None = None, kinds: str = "fiu",
     except FileNotFoundError:
         raise SparseADError(f"{path}: file not found") from None
     except ValueError as e:
-        if "pickle" in str(e).lower():
+        if "pickle" in str(e).lower():   # numpy says so for any file without the .npy magic, too
+            if not _starts_with(path, (b"\x93NUMPY", b"\x80")):
+                raise SparseADError(f"{path}: not a .npy file (no .npy header); re-export it with numpy.save") from None
             raise SparseADError(f"{path}: holds a pickled object array, which is never loaded "
                                 "(it could run code); re-save it as a plain numeric array") from None
         raise SparseADError(f"{path}: not a readable .npy file ({e}); re-export or delete it") from None

@@ -96,7 +96,15 @@ def test_pickled_npy_is_refused_never_loaded(tmp_path):
     np.save(bad, np.array([Payload()], dtype=object), allow_pickle=True)
     with pytest.raises(SparseADError, match="pickled object array"):
         load_points(bad)
+    import pickle
+
+    bad.write_bytes(pickle.dumps(Payload()))        # a bare pickle named .npy
+    with pytest.raises(SparseADError, match="pickled object array"):
+        load_points(bad)
     assert not marker.exists()
+    bad.write_text("x y z i\n1 2 3 4\n")            # text saved as .npy: not called a pickle
+    with pytest.raises(SparseADError, match=r"bad.npy: not a .npy file \(no .npy header\)"):
+        load_points(bad)
 
 
 @pytest.mark.parametrize("content, match", [
