@@ -3,7 +3,9 @@
 Layout mirrors the split: `OUT/Scenario_<id>/VOXEL_GRID_<frame>.npy` with rows
 (ix, iy, iz, score) on the AnoVox grid, so AnoVox's tools and `sparse-ad eval-preds` can
 score them. Files are written atomically and existing ones are kept, so an interrupted
-run resumes where it stopped.
+run resumes where it stopped — with the same checkpoint, view count, engine and precision
+only, which `OUT/predict.json` records (a rerun with others is refused rather than mixing
+two models' files in one folder).
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from sparse_ad.config import DEFAULT_ENGINE
 from sparse_ad.data.in_flight import naming_dead_workers
-from sparse_ad.io import atomic_save_npy
+from sparse_ad.io import atomic_save_npy, claim_folder, file_sha256
+
+MANIFEST = "predict.json"
 
 
 def prediction_rows(coords: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -34,8 +39,14 @@ def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, de
     from sparse_ad.engine.runtime import pick_device
 
     dev = pick_device(device)
-    model, cfg, ck = load_checkpoint_model(checkpoint, dev, scoring or Scoring())
+    scoring = scoring or Scoring()
+    model, cfg, ck = load_checkpoint_model(checkpoint, dev, scoring)
     split = open_split(data, cfg.data.sensor, need_gt=False)
+    out = Path(out)
+    claim_folder(out, MANIFEST, {"checkpoint_sha256": file_sha256(checkpoint), "views": cfg.model.test_views,
+                                 "engine": scoring.engine or DEFAULT_ENGINE[dev.type],
+                                 "precision": "fp16" if dev.type == "cuda" else "fp32"},
+                 "prediction files", has_output=any(out.glob("Scenario_*/VOXEL_GRID_*.npy")))
     todo = [r for r in split.frames if not prediction_file(out, r).exists()]
     written = 0
     for ref, _, coords, scores in predict_frames(model, cfg, todo, dev, progress):

@@ -8,14 +8,13 @@ every frame of a split, e.g. at another resolution.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from sparse_ad.errors import ConfigError, SparseADError
+from sparse_ad.errors import SparseADError
 from sparse_ad.grid import SensorTransform, VoxelGrid
-from sparse_ad.io import atomic_save_npy, atomic_write_text
+from sparse_ad.io import atomic_save_npy, claim_folder
 from sparse_ad.voxelize import voxelize
 
 
@@ -54,7 +53,8 @@ def regenerate_split(split_dir: Path, out_dir: Path, grid: VoxelGrid, progress: 
     from sparse_ad.io import progress_bar
 
     split = open_split(split_dir, "SEMANTIC-LIDAR", need_gt=False)
-    _claim(Path(out_dir), grid)
+    claim_folder(Path(out_dir), "voxelize_gt.json", {"resolution": grid.resolution, "shape": list(grid.shape),
+                                                     "offset": list(grid.offset)}, "ground truth")
     for sc in split.scenarios:
         _link_inputs(sc.path, Path(out_dir) / sc.path.name)
     written = 0
@@ -67,24 +67,6 @@ def regenerate_split(split_dir: Path, out_dir: Path, grid: VoxelGrid, progress: 
         atomic_save_npy(target, rows)
         written += 1
     return written
-
-
-def _claim(out_dir: Path, grid: VoxelGrid) -> None:
-    """Record the grid of the ground truth under `out_dir`; refuse to add to one made on
-    another grid (a rerun at another resolution would otherwise keep the old files)."""
-    marker = out_dir / "voxelize_gt.json"
-    want = {"resolution": grid.resolution, "shape": list(grid.shape), "offset": list(grid.offset)}
-    if marker.exists():
-        try:
-            have = json.loads(marker.read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{marker}: unreadable ({e}); delete it (it records the grid of the ground truth "
-                              "there) or pick another --out") from None
-        if have != want:
-            raise ConfigError(f"{out_dir}: holds ground truth on another grid ({have}); pick another --out, or "
-                              "delete it to regenerate")
-        return
-    atomic_write_text(marker, json.dumps(want))
 
 
 def _link_inputs(scenario: Path, out: Path) -> None:

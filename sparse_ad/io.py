@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparse_ad.errors import SparseADError
+from sparse_ad.errors import ConfigError, SparseADError
 
 
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
@@ -44,6 +45,40 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
     except BaseException:
         _unlink_quietly(tmp)
         raise
+
+
+def claim_folder(folder: Path, marker: str, settings: dict, what: str, has_output: bool = False) -> None:
+    """Record in `folder/marker` (JSON) the settings that `folder`'s resumable output is made
+    with, or refuse to add to output made with other ones: a rerun with another grid,
+    checkpoint or view count would otherwise keep the old files beside the new. `has_output`:
+    the folder already holds output, so a missing marker means unknown settings (refused)."""
+    path = Path(folder) / marker
+    if not path.exists():
+        if has_output:
+            raise ConfigError(f"{folder}: holds {what} but no {marker} saying how they were made; pick another "
+                              "--out, or delete them to make them again")
+        atomic_write_text(path, json.dumps(settings, indent=2))
+        return
+    try:
+        have = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable ({e}); delete it (it records how the {what} there were made) "
+                          "or pick another --out") from None
+    changed = [f"{k} {have.get(k)!r} (now {v!r})" for k, v in settings.items() if have.get(k) != v]
+    if changed:
+        raise ConfigError(f"{folder}: holds {what} made with other settings: {'; '.join(changed)}; pick another "
+                          "--out, or delete it to make them again")
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _unlink_quietly(p: str) -> None:

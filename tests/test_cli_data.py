@@ -58,7 +58,7 @@ def test_voxelize_gt_whole_split_at_another_resolution(tiny_split, tmp_path, cap
     # a rerun resumes on the same grid, and refuses to mix in another resolution's files
     assert main(["voxelize-gt", "--split", str(tiny_split), "--out", str(out), "--resolution", "0.25"]) == 0
     assert main(["voxelize-gt", "--split", str(tiny_split), "--out", str(out)]) == 2
-    assert "holds ground truth on another grid" in capsys.readouterr().err
+    assert "holds ground truth made with other settings: resolution 0.25 (now 0.5)" in capsys.readouterr().err
     (out / "voxelize_gt.json").write_text("{bad")
     assert main(["voxelize-gt", "--split", str(tiny_split), "--out", str(out), "--resolution", "0.25"]) == 2
     assert "voxelize_gt.json: unreadable" in capsys.readouterr().err

@@ -187,6 +187,32 @@ def test_predict_then_eval_preds_equals_eval(trained, tmp_path, monkeypatch):
     np.testing.assert_allclose(gemm[:, 3], rows[:, 3], atol=1e-5)
 
 
+def test_predict_resumes_only_with_the_settings_it_started_with(trained, tmp_path):
+    import shutil
+
+    from sparse_ad.errors import ConfigError
+
+    cfg, run, _ = trained
+    preds = tmp_path / "preds"
+    assert predict_split(run / "best.pt", cfg.data.root, preds, progress=False) == 12
+    first = sorted(preds.glob("Scenario_*/VOXEL_GRID_*.npy"))[0]
+    first.unlink()                                                    # as if interrupted
+    assert predict_split(run / "best.pt", cfg.data.root, preds, progress=False) == 1
+    views = 2 if cfg.model.test_views != 2 else 4
+    with pytest.raises(ConfigError, match=rf"holds prediction files made with other settings: views "
+                                          rf"{cfg.model.test_views} \(now {views}\); pick another --out"):
+        predict_split(run / "best.pt", cfg.data.root, preds, progress=False, scoring=Scoring(views=views))
+    other = tmp_path / "other.pt"
+    shutil.copy(run / "best.pt", other)
+    with open(other, "ab") as f:
+        f.write(b"\0")                                               # another file (torch ignores the tail)
+    with pytest.raises(ConfigError, match="checkpoint_sha256"):
+        predict_split(other, cfg.data.root, preds, progress=False)
+    (preds / "predict.json").unlink()                                 # files of unknown origin
+    with pytest.raises(ConfigError, match="holds prediction files but no predict.json"):
+        predict_split(run / "best.pt", cfg.data.root, preds, progress=False)
+
+
 def test_predict_skips_a_broken_frame_and_keeps_the_others_in_order(trained, tmp_path):
     """Frames are loaded by worker processes and scored in batches: a frame that fails to
     load is named in a warning and left out; every other frame gets its own rows."""
