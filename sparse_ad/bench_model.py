@@ -145,9 +145,11 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
             graphed = fuse_for_inference(fused, engine="gather_gemm_graphs")
             results["graphs_max_abs_diff"] = float((a.float() - unet_part(graphed).float()).abs().max())
             stages.update({"inference_graphs": infer_graphs, "inference_unet_graphs": lambda: unet_part(graphed)})
-        except SparseADError as e:
-            results["graphs_error"] = str(e)
-            print(f"gather_gemm_graphs: {e}")
+        except Exception as e:   # noqa: BLE001 - a replay or comparison may fail in other ways too
+            from sparse_ad.models.graphs import error_chain
+
+            results["graphs_error"] = str(e) if isinstance(e, SparseADError) else error_chain(e)
+            print(f"gather_gemm_graphs: {results['graphs_error']}")
     if cfg.model.test_views > 1:
         stages["inference_views"] = infer_views
     stages["eval_batch"] = eval_batch

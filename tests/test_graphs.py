@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sparse_ad.errors import SparseADError
 from sparse_ad.models import graphs
 from sparse_ad.models.gather_gemm import GatherGemmUNet
-from sparse_ad.models.graphs import GraphedGatherGemm, bucket
+from sparse_ad.models.graphs import GraphedGatherGemm, bucket, level_rows
 from sparse_ad.models.inference import fuse_for_inference, is_inference_model
 from sparse_ad.models.spunet import SpUNet
 from tests.conftest import random_voxels
@@ -43,6 +43,16 @@ def test_bucket_rounds_up_by_at_most_an_eighth():
     assert len({bucket(n) for n in range(4097, 8193)}) == 8   # eight sizes per octave
 
 
+def test_coarse_levels_round_to_powers_of_two():
+    """Few signatures on a stream: the coarse counts wander on their own (module docstring)."""
+    for n in range(1, 5000):
+        assert level_rows(0, n) == bucket(n)
+        r = level_rows(2, n)
+        assert r >= max(n, 64) and r & (r - 1) == 0 and (r == 64 or r < 2 * n)
+    frames = [(10_021, 3598, 1222, 385, 163), (10_200, 3643, 1212, 376, 161), (10_091, 3587, 1242, 383, 164)]
+    assert len({tuple(level_rows(i, n) for i, n in enumerate(f)) for f in frames}) == 1
+
+
 @pytest.mark.parametrize("blocks,scene", [(1, True), (2, False)])
 def test_graphed_buffers_give_the_same_rows(randomize_bn, blocks, scene):
     gemm, graphed = _nets(randomize_bn, blocks, scene)
@@ -58,7 +68,7 @@ def test_graphed_buffers_give_the_same_rows(randomize_bn, blocks, scene):
 
 def test_stale_rows_of_a_larger_frame_do_not_leak(randomize_bn, monkeypatch):
     """Every level in one bucket: a small frame reuses the buffers a larger one filled."""
-    monkeypatch.setattr(graphs, "bucket", lambda n: 1024)
+    monkeypatch.setattr(graphs, "level_rows", lambda level, n: 1024)
     gemm, graphed = _nets(randomize_bn)
     big, small = _frame(5, voxels=600), _frame(6, voxels=150)
     graphed(big)
@@ -76,7 +86,7 @@ def test_only_the_latest_signatures_are_kept(randomize_bn):
     for voxels in (100, 200, 400, 200):
         graphed(_frame(voxels, voxels=voxels))
     assert len(graphed._signatures) == 2
-    assert next(reversed(graphed._signatures))[0] == bucket(200)   # most recently used last
+    assert next(reversed(graphed._signatures))[0] == level_rows(0, 200)   # most recently used last
 
 
 def test_graphs_engine_is_cuda_only_and_inference_only(randomize_bn):
@@ -119,3 +129,18 @@ def test_property_same_rows_on_any_small_scene(data):
         ref, out = gemm(x), graphed(x)
         assert _close(out.voxel_logits, ref.voxel_logits, 1e-5)
         assert _close(out.scene_logits, ref.scene_logits, 1e-5)
+
+
+def test_a_capture_error_names_the_op_behind_the_exit_error():
+    """torch.cuda.graph's exit raises its own error while the op's is being handled."""
+    from sparse_ad.models.graphs import error_chain
+
+    try:
+        try:
+            raise ValueError("operation not permitted when stream is capturing\nmore")
+        except ValueError:
+            raise RuntimeError("operation failed due to a previous error during capture")  # noqa: B904
+    except RuntimeError as e:
+        outer = e
+    assert error_chain(outer) == ("RuntimeError: operation failed due to a previous error during capture <- "
+                                  "ValueError: operation not permitted when stream is capturing")

@@ -215,13 +215,13 @@ class GatherGemmUNet(nn.Module):
 
     def plan(self, idx: torch.Tensor, spatial_shape, rows=None) -> list[LevelMaps]:
         """Every level's maps for voxel rows `idx` [b, x, y, z] (the host syncs are here).
-        `rows(n)`: the row count a level of n voxels is run with (default n); the maps'
+        `rows(level, n)`: the row count a level of n voxels is run with (default n); the maps'
         "no voxel" index is that count (the padded matrices' zero row, `graphs.py`)."""
-        rows = rows or (lambda n: n)
+        rows = rows or (lambda level, n: n)
         shape = tuple(padded_shape(spatial_shape, self.stride))
         maps, keys = [], None
         for level in range(len(self.down) + 1):
-            none = rows(idx.shape[0])
+            none = rows(level, idx.shape[0])
             table = subm_map(idx, shape, none, keys)
             if level == len(self.down):
                 maps.append(LevelMaps(table))

@@ -5,9 +5,17 @@ costing the host a few microseconds to issue, while the GPU's share is ~1.6 ms (
 H100 profile). A CUDA graph captures the launches once and replays them with one call.
 
 A graph has fixed shapes and addresses, a frame's voxel counts do not. So each level's row
-count is rounded up to a bucket (`bucket`: at most 1/8 more rows, eight sizes per octave),
-and per signature (the buckets of all levels) the convs are captured once over static
-buffers: the padded input features, every level's maps, the output. Per frame:
+count is rounded up (`level_rows`: the full-resolution level to a `bucket`, at most 1/8 more
+rows, eight sizes per octave; the coarser levels to a power of two), and per signature (the
+row counts of all levels) the convs are captured once over static buffers: the padded input
+features, every level's maps, the output. Why coarse levels round so far: a capture costs a
+device sync, two warm-up runs and the capture itself (not yet timed on a GPU), while padding
+a coarse level only enlarges GEMMs of a few hundred to a few thousand rows; and the coarse
+counts of consecutive frames wander independently of the fine one. With eight sizes per
+octave on every level, 240 frames of 24 synthetic scenarios scored one at a time
+(`anovox_mono`'s five levels, `plan` run on CPU) fell into 108 signatures and would have
+captured 141 times with 8 kept; with powers of two above level 0: 13 signatures, 14
+captures, and 5%, 19%, 63%, 27%, 44% more rows per level. Per frame:
 
     maps built eagerly (`GatherGemmUNet.plan`; its host syncs), "no voxel" = the bucket
     maps and features copied into the first rows of the signature's buffers
@@ -37,6 +45,12 @@ def bucket(n: int) -> int:
         return 64
     step = 1 << (n.bit_length() - 4)
     return -(-n // step) * step
+
+
+def level_rows(level: int, n: int) -> int:
+    """Rows a level of n voxels runs with: `bucket(n)` at full resolution, else the power of
+    two >= n (at least 64); see the module docstring for why."""
+    return bucket(n) if level == 0 else max(64, 1 << (n - 1).bit_length())
 
 
 class _Signature:
@@ -90,8 +104,8 @@ class GraphedGatherGemm(nn.Module):
     def forward(self, x) -> SpUNetOutput:
         check_features(x, self.in_channels)
         feats = x.features
-        maps = self.net.plan(x.indices.long(), x.spatial_shape, rows=bucket)
-        rows = tuple(bucket(m.table.shape[0]) for m in maps)
+        maps = self.net.plan(x.indices.long(), x.spatial_shape, rows=level_rows)
+        rows = tuple(level_rows(level, m.table.shape[0]) for level, m in enumerate(maps))
         sig = self._signatures.pop(rows, None) or _Signature(rows, feats.shape[1], self.dtype, feats.device)
         self._signatures[rows] = sig                        # most recently used last
         while len(self._signatures) > self.max_graphs:
@@ -107,21 +121,44 @@ class GraphedGatherGemm(nn.Module):
         return heads(self.net.head, self.net.scene, out[:feats.shape[0]], x.indices[:, 0], x.batch_size)
 
     def _capture(self, sig: _Signature) -> None:
-        """Warm up on a side stream (cuBLAS handles, allocator), then capture `run`."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.net.run(sig.inp, sig.maps)
-        torch.cuda.current_stream().wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
+        """Warm up on a side stream (cuBLAS handles, allocator), then capture `run`. Any
+        failure is one error naming every exception in its chain: when an op breaks a
+        capture, `torch.cuda.graph`'s exit raises its own "previous error during capture",
+        which would otherwise hide the op. The warm-up runs with torch's sync debug mode
+        at "warn", so an op that synchronises (and so cannot be captured) is named with its
+        line even before the capture fails."""
+        stream = torch.cuda.current_stream()
+        sync_mode = torch.cuda.get_sync_debug_mode()
         try:
+            side = torch.cuda.Stream()
+            side.wait_stream(stream)
+            torch.cuda.set_sync_debug_mode("warn")
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.net.run(sig.inp, sig.maps)
+            torch.cuda.set_sync_debug_mode(sync_mode)
+            stream.wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
             # thread_local: CUDA calls of other threads (a loader's pin-memory thread) may go on
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 sig.out = self.net.run(sig.inp, sig.maps)
-        except RuntimeError as e:
-            raise SparseADError(f"CUDA graph capture failed ({str(e).splitlines()[0]}); use the gather_gemm "
-                                "engine, which runs the same ops without a graph") from e
+        except Exception as e:   # RuntimeError, torch.AcceleratorError, ...
+            torch.cuda.set_sync_debug_mode(sync_mode)
+            torch.cuda.set_stream(stream)   # a failed exit leaves the capture stream current
+            sig.out = None
+            raise SparseADError(f"CUDA graph capture failed ({error_chain(e)}); use the gather_gemm engine, "
+                                "which runs the same ops without a graph") from e
         sig.graph = graph
+
+
+def error_chain(e: BaseException) -> str:
+    """The first line of `e` and of each exception it was raised from or during, outermost
+    first, joined by " <- "."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        parts.append(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+        e = e.__cause__ or e.__context__
+    return " <- ".join(parts)
