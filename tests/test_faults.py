@@ -16,7 +16,7 @@ import torch
 from sparse_ad.config import load_config
 from sparse_ad.engine import checkpoint as ckpt
 from sparse_ad.engine.train import train
-from sparse_ad.errors import SparseADError
+from sparse_ad.errors import ConfigError, SparseADError
 from sparse_ad.io import atomic_save_npy
 from tests.conftest import MONO
 
@@ -194,18 +194,50 @@ def test_a_worker_death_outside_a_load_says_so():
             raise RuntimeError("something else")
 
 
-def test_ddp_through_torchrun_on_cpu(tiny_split, tmp_path):
-    """Two gloo processes, one code path: both train and validate, rank 0 writes."""
-    env = {**os.environ, "SPARSE_AD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+def test_ddp_through_torchrun_on_cpu(tmp_path, monkeypatch):
+    """Two gloo processes, one code path: both train and validate, rank 0 writes — the
+    synthetic split too (both writing it into the cache deleted each other's folders). The
+    run then resumes only with as many processes (its schedule counts their steps)."""
+    env = {**os.environ, "SPARSE_AD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "SPARSE_AD_CACHE": str(tmp_path)}
     run = tmp_path / "ddp"
     torchrun = Path(sys.executable).parent / "torchrun"
+    overrides = ["data.synth_scenarios=4", "data.synth_frames=2", "train.epochs=2", "train.max_minutes=0.0001",
+                 *TINY]
     r = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(ROOT / "tools/train.py"), "--config",
-                        str(ROOT / "configs/demo.yaml"), "--run-dir", str(run), f"data.root={tiny_split}",
-                        "train.epochs=1", *TINY], env=env, capture_output=True, text=True, timeout=600)
+                        str(ROOT / "configs/demo.yaml"), "--run-dir", str(run), *overrides],
+                       env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 processes" in r.stdout
-    assert [h["epoch"] for h in _history(run)] == [1]
+    assert "2 processes" in r.stdout and r.stdout.count("writing a synthetic AnoVox-layout split") == 1
+    assert [h["epoch"] for h in _history(run)] == [1]   # the time budget stopped it after epoch 1
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setenv("SPARSE_AD_CACHE", str(tmp_path))
+    cfg = load_config("configs/demo.yaml", overrides)
+    with pytest.raises(ConfigError, match=r"last.pt: this run was trained with processes 2, steps_per_epoch 1, "
+                                          r"this command has processes 1, steps_per_epoch 2; resume it with"):
+        train(cfg, run)
+
+
+def test_a_kill_before_last_pt_leaves_best_pt_and_history_of_the_epoch(tiny_split, tmp_path, monkeypatch):
+    """last.pt is written last: a kill just before it must not leave a last.pt that claims a
+    best epoch whose best.pt (or history entry) never reached the disk."""
+    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", "train.epochs=1", *TINY])
+    real_save = ckpt.save
+
+    def killed_at_last_pt(path, *a, **k):
+        if Path(path).name == "last.pt":
+            raise KeyboardInterrupt("killed")
+        real_save(path, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "save", killed_at_last_pt)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "best.pt").exists() and [h["epoch"] for h in _history(tmp_path / "run")] == [1]
+    assert not (tmp_path / "run" / "last.pt").exists()
+    train(cfg, tmp_path / "run")                  # the rerun redoes the epoch and ends consistent
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == 1
+    assert [h["epoch"] for h in _history(tmp_path / "run")] == [1]
 
 
 def test_non_finite_loss_stops_with_step_frames_and_hint(tiny_split, tmp_path, monkeypatch):

@@ -45,6 +45,7 @@ class TrainState:
     history: list = field(default_factory=list)
     scheduler_state: dict | None = None
     ema: WeightAverage | None = None  # train.ema_decay > 0
+    layout: dict = field(default_factory=dict)   # processes and steps per epoch (`check_layout`)
 
     @property
     def bare_model(self) -> torch.nn.Module:
@@ -85,7 +86,7 @@ def save(path: Path, state: TrainState, sched, epoch: int, step_in_epoch: int, r
         "class_counts": list(state.class_counts), "history": state.history,
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "config": config_to_dict(rt.cfg),
+        "config": config_to_dict(rt.cfg), "layout": state.layout,
         "versions": versions(),
     }
     if state.ema is not None:  # "model" holds the average; resuming needs the raw weights too
@@ -233,4 +234,17 @@ def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
         state.best_score, state.best_epoch = float(ck["best_score"]), int(ck["best_epoch"])
         state.threshold, state.history = float(ck["threshold"]), list(ck["history"])
         state.scheduler_state = ck["scheduler"]
+        state.layout = dict(ck.get("layout") or {})   # absent from checkpoints of older versions
     return state
+
+
+def check_layout(state: TrainState, layout: dict, path: Path) -> None:
+    """Refuse to resume a run with another number of processes or of steps per epoch (a
+    changed split under the same data.root): the schedule's length and the step to resume at
+    were counted in the saved run's steps. Records `layout` for the next save."""
+    if state.layout and state.layout != layout:
+        have = ", ".join(f"{k} {state.layout.get(k)}" for k in layout)
+        now = ", ".join(f"{k} {v}" for k, v in layout.items())
+        raise ConfigError(f"{path}: this run was trained with {have}, this command has {now}; resume it with "
+                          "the same torchrun --nproc_per_node and split, or start a new --run-dir")
+    state.layout = dict(layout)

@@ -142,6 +142,23 @@ def resolve_data_root(cfg: Config) -> Path:
     return root
 
 
+def _write_synthetic_split_once(cfg: Config, rank: int) -> None:
+    """Under torchrun, rank 0 alone writes the synthetic split (every rank writing the same
+    scenario folders deletes what another is writing); the others wait for it and get its
+    error, if any, instead of waiting forever."""
+    error = [None]
+    if rank == 0:
+        try:
+            resolve_data_root(cfg)
+        except SparseADError as e:
+            error = [str(e)]
+            torch.distributed.broadcast_object_list(error, src=0)
+            raise
+    torch.distributed.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise SparseADError(error[0])
+
+
 def datasets(cfg: Config) -> tuple[FrameDataset, FrameDataset]:
     from sparse_ad.data.anovox import open_split
 
@@ -169,6 +186,8 @@ def setup_runtime(cfg: Config, run_dir: Path) -> Runtime:
     except OSError as e:
         raise SparseADError(f"{run_dir}: cannot create the run directory ({e.strerror or e}); pick a writable "
                             "--run-dir") from None
+    if world > 1 and not cfg.data.root:
+        _write_synthetic_split_once(cfg, rank)
     train_set, val_set = datasets(cfg)
     rt = Runtime(device=device, grid=cfg.grid.build(), amp=cfg.train.amp and device.type == "cuda",
                  rank=rank, world_size=world, train_set=train_set, val_set=val_set, cfg=cfg,

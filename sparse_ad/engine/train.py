@@ -106,6 +106,8 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
     if rt.is_main:
         save_config(cfg, run_dir / "config.yaml")
     loader = make_loader(rt.train_set, cfg, rt, shuffle=True)
+    if state.epoch < cfg.train.epochs:   # a finished run may be rerun (it only reports) on any layout
+        ckpt.check_layout(state, {"processes": rt.world_size, "steps_per_epoch": len(loader)}, run_dir / "last.pt")
     total_steps = max(cfg.train.epochs * len(loader), 1)
     sched = ckpt.build_scheduler(cfg, state.optimizer, total_steps, state.scheduler_state)
     writer = rt.tensorboard(run_dir)
@@ -254,10 +256,12 @@ def _record_epoch(cfg, rt, run_dir, state, sched, epoch, stats, metrics, writer)
             writer.add_scalar(f"train/epoch_loss_{k}", v, epoch + 1)
         writer.add_scalar("val/collapse", 1.0 if alarm else 0.0, epoch + 1)
         writer.flush()
-    ckpt.save(run_dir / "last.pt", state, sched, epoch=epoch + 1, step_in_epoch=0, rt=rt)
+    # last.pt last: it is what a rerun resumes from, so everything it claims (the epoch in the
+    # history, best.pt of its best epoch) must be on disk before it is
+    atomic_write_text(run_dir / "history.json", json.dumps(state.history, indent=2))
     if improved:
         ckpt.save(run_dir / "best.pt", state, sched, epoch=epoch + 1, step_in_epoch=0, rt=rt)
-    atomic_write_text(run_dir / "history.json", json.dumps(state.history, indent=2))
+    ckpt.save(run_dir / "last.pt", state, sched, epoch=epoch + 1, step_in_epoch=0, rt=rt)
 
 
 def _finish(cfg, rt, run_dir, state) -> dict:
