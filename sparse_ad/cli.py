@@ -197,8 +197,13 @@ def _cmd_train(args):
     from sparse_ad.config import load_config
     from sparse_ad.engine.train import train
 
-    train(load_config(args.config, args.overrides), args.run_dir)
-    return 0
+    return _exit_code(train(load_config(args.config, args.overrides), args.run_dir))
+
+
+def _exit_code(summary: dict) -> int:
+    """0, or 128 + the signal that stopped a run after it saved last.pt (130 SIGINT, 143
+    SIGTERM), so `sparse-ad train … && sparse-ad eval …` and batch schedulers see it unfinished."""
+    return 128 + int(summary["signal"]) if summary.get("stopped") else 0
 
 
 def _cmd_eval(args):
@@ -243,8 +248,7 @@ def _cmd_demo(args):
     from sparse_ad.config import load_config
     from sparse_ad.engine.demo import run_demo
 
-    run_demo(load_config(args.config, args.overrides), args.run_dir)
-    return 0
+    return _exit_code(run_demo(load_config(args.config, args.overrides), args.run_dir))
 
 
 COMMANDS = {

@@ -66,7 +66,7 @@ def test_sigkill_then_same_command_resumes_to_the_same_metrics(tiny_split, tmp_p
     assert _metrics_only(_history(run)) == _metrics_only(_history(tmp_path / "ref"))
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_cleanly(tiny_split, tmp_path):
+def test_sigterm_finishes_the_step_saves_and_exits_143(tiny_split, tmp_path):
     env = {**os.environ, "SPARSE_AD_NO_PROGRESS": "1"}
     run = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(tiny_split, run, 50), env=env, stdout=subprocess.PIPE,
@@ -76,8 +76,8 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(tiny_split, tmp_path)
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
-    assert "last.pt saved" in out
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]   # saved, but not finished: not 0
+    assert "last.pt saved" in out and "Traceback" not in err
     ck = torch.load(run / "last.pt", weights_only=True)
     assert ck["epoch"] < 50
 

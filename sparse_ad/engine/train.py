@@ -58,6 +58,7 @@ class _StopFlag:
 
     def __init__(self):
         self.set = False
+        self.signum = None   # stays None when another rank was signalled (DDP)
         self._old = {}
 
     def __enter__(self):
@@ -68,7 +69,7 @@ class _StopFlag:
     def _handle(self, signum, frame):
         if self.set:  # second signal: give up at once
             raise KeyboardInterrupt
-        self.set = True
+        self.set, self.signum = True, signum
         print(f"\nsignal {signum}: finishing the current step, then saving last.pt", file=sys.stderr)
 
     def __exit__(self, *exc):
@@ -124,7 +125,7 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
                           rt=rt)
                 _log(rt, f"stopped in epoch {epoch + 1} at step {state.step_in_epoch}; last.pt saved — run the "
                          "same command again to resume")
-                return {"stopped": True, "epoch": epoch}
+                return {"stopped": True, "epoch": epoch, "signal": stop.signum or signal.SIGTERM}
             state.step_in_epoch, state.epoch_stats = 0, {}
             # every rank scores a share with the bare module (not through DDP: its forward would
             # start gradient-sync collectives); rank 0 gets the metrics and shares them
