@@ -240,6 +240,31 @@ def test_a_kill_before_last_pt_leaves_best_pt_and_history_of_the_epoch(tiny_spli
     assert [h["epoch"] for h in _history(tmp_path / "run")] == [1]
 
 
+def test_frames_without_a_point_in_the_grid_are_passed_over_alone_in_a_batch(tiny_split, tmp_path, monkeypatch):
+    """A frame whose points are all NaN (or outside the grid) has no voxel: alone in a batch
+    it skips the step (train), scores nothing (eval) and gets an empty prediction file."""
+    from sparse_ad.engine.evaluate import Scoring, evaluate_checkpoint
+    from sparse_ad.export import predict_split
+
+    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
+    for sc in sorted(tiny_split.glob(f"Scenario_*/{MONO}")):   # the first frame of every scenario
+        lidar = sorted(sc.glob("*.npy"))[0]
+        pts = np.load(lidar)
+        pts[:, :3] = np.nan
+        np.save(lidar, pts)
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", "train.epochs=1", *TINY,
+                                            "train.batch_size=1"])
+    train(cfg, tmp_path / "run")
+    assert _history(tmp_path / "run")[0]["skipped_steps"] == 2   # the two training scenarios' empty frames
+    res = evaluate_checkpoint(tmp_path / "run" / "best.pt", tmp_path / "eval", all_frames=True, progress=False,
+                              scoring=Scoring(batch_size=1))
+    assert res["frames"] == 12
+    assert predict_split(tmp_path / "run" / "best.pt", tiny_split, tmp_path / "p", progress=False,
+                         scoring=Scoring(batch_size=1)) == 12
+    rows = sorted(len(np.load(f)) for f in (tmp_path / "p").glob("*/*.npy"))
+    assert rows[:4] == [0, 0, 0, 0] and rows[4] > 1000
+
+
 def test_non_finite_loss_stops_with_step_frames_and_hint(tiny_split, tmp_path, monkeypatch):
     from sparse_ad.engine import checkpoint as ck_mod
 

@@ -141,6 +141,7 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
 def _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer) -> tuple[StepStats, bool]:
     """One pass over the training loader; returns its stats and whether a stop signal ended
     it early (under DDP: on any rank, so that all ranks stop after the same step)."""
+    from sparse_ad.data.batch import voxelize_batch
     from sparse_ad.io import progress_bar
 
     state.model.train()
@@ -149,24 +150,24 @@ def _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer) -> tuple[St
     for step, batch in enumerate(bar):
         if step < state.step_in_epoch:  # resumed mid-epoch: these steps were done before the stop
             continue
-        # decided on all ranks together, or those that go on wait forever in DDP's all-reduce
-        empty, stopping = rt.any_rank(len(batch) == 0, stop.set)
+        # nothing loaded, or no point of the batch inside the grid: decided on all ranks together,
+        # or those that go on wait forever in DDP's all-reduce
+        vb = voxelize_batch(batch, rt.grid, rt.device) if len(batch) else None
+        empty, stopping = rt.any_rank(vb is None or len(vb.features) == 0, stop.set)
         if stopping:
             return stats, True
-        _train_one(cfg, rt, state, sched, batch, stats, writer, bar, skip=empty)
+        _train_one(cfg, rt, state, sched, batch, vb, stats, writer, bar, skip=empty)
         state.step_in_epoch = step + 1
     return stats, rt.any_rank(stop.set)[0]   # a signal in the last step: stop before validating
 
 
-def _train_one(cfg, rt, state, sched, batch, stats, writer, bar, skip: bool) -> None:
-    """Voxelize one loaded batch on the device and take one optimization step."""
-    from sparse_ad.data.batch import voxelize_batch
-
+def _train_one(cfg, rt, state, sched, batch, vb, stats, writer, bar, skip: bool) -> None:
+    """One optimization step on a loaded batch, voxelized on the device (`vb`)."""
     stats.skipped_frames += len(batch.skipped)
     rt.note_batch(batch)
-    if skip:   # every frame failed to load, here or (DDP) on another rank: all ranks skip the step
+    if skip:   # nothing to learn from, here or (DDP) on another rank: all ranks skip the step
+        stats.skipped_steps += int(vb is not None and len(vb.features) == 0)   # loaded, but no voxel
         return
-    vb = voxelize_batch(batch, rt.grid, rt.device)
     loss, parts = _step(cfg, rt, state, vb)
     if loss is None:
         stats.skipped_steps += 1

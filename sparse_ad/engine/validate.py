@@ -7,6 +7,7 @@ scores rank anomalies at all, since a constant output would still "calibrate" a 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sparse_ad.config import DEFAULT_ENGINE
@@ -54,6 +55,9 @@ def scored_batches(model, dataset, cfg, grid, device: torch.device, amp: bool):
             yield batch, None, None
             continue
         vb = voxelize_batch(batch, grid, device)
+        if len(vb.features) == 0:   # no frame has a point inside the grid: nothing to score (or to run)
+            yield batch, vb, np.zeros(0, np.float32)
+            continue
         yield batch, vb, frame_scores(model, vb, grid, amp, views=cfg.model.test_views).cpu().numpy()
 
 
