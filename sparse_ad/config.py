@@ -266,6 +266,8 @@ _RANGES = {   # key: the interval it must lie in, "[" / "(" ends, None unbounded
     "data.max_skip_fraction": "[0, 1]", "optim.lr": "(0, None)", "optim.weight_decay": "[0, None)",
     "optim.grad_clip": "[0, None)",
     "train.seed": "[0, None)", "data.split_seed": "[0, None)", "data.synth_seed": "[0, None)",   # numpy seeds
+    "loss.gamma": "[0, None)", "loss.beta": "[0, 1)", "loss.pos_weight": "(0, None)", "loss.scene_weight": "[0, None)",
+    "augment.rotate_z_deg": "[0, 180]", "augment.jitter_m": "[0, None)", "augment.scale": "(0, None)",
 }
 
 
@@ -276,12 +278,16 @@ def check_ranges(cfg: Config, keys=tuple(_RANGES)) -> None:
     for key in keys:
         interval = _RANGES[key]
         section, name = key.split(".")
-        v = getattr(getattr(cfg, section), name)
+        value = getattr(getattr(cfg, section), name)
         lo, hi = (None if x.strip() == "None" else float(x) for x in interval[1:-1].split(","))
-        inside = math.isfinite(v) and (v >= lo if interval[0] == "[" else v > lo) and \
-            (hi is None or (v <= hi if interval[-1] == "]" else v < hi))
-        if not inside:
-            raise ConfigError(f"{key}: expected a number in {interval.replace('None', 'inf')}, found {v}")
+        for v in value if isinstance(value, tuple) else (value,):   # a range such as augment.scale: each end
+            inside = math.isfinite(v) and (v >= lo if interval[0] == "[" else v > lo) and \
+                (hi is None or (v <= hi if interval[-1] == "]" else v < hi))
+            if not inside:
+                raise ConfigError(f"{key}: expected {'numbers' if value is not v else 'a number'} in "
+                                  f"{interval.replace('None', 'inf')}, found {value}")
+        if isinstance(value, tuple) and list(value) != sorted(value):
+            raise ConfigError(f"{key}: expected (low, high) with low <= high, found {value}")
 
 
 def _read_yaml(path: Path, depth: int = 0) -> dict:

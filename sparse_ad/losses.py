@@ -165,15 +165,11 @@ def build_loss(cfg: LossConfig, class_counts: Sequence[int] | None = None) -> An
     if cfg.supervision not in SUPERVISIONS:
         raise ConfigError(f"loss.supervision: expected one of {', '.join(SUPERVISIONS)}, "
                           f"found {cfg.supervision!r}")
-    if cfg.gamma < 0:
-        raise ConfigError(f"loss.gamma: expected >= 0, found {cfg.gamma}")
     if cfg.kind == "focal":
         if class_counts is None and cfg.supervision != "mil":
             raise ConfigError("loss.kind=focal needs the class counts of the training split")
         weights = torch.ones(2) if cfg.supervision == "mil" else class_balanced_weights(class_counts, cfg.beta)
         gamma = cfg.gamma
     else:
-        if cfg.pos_weight <= 0:
-            raise ConfigError(f"loss.pos_weight: expected > 0, found {cfg.pos_weight}")
         weights, gamma = torch.tensor([1.0, float(cfg.pos_weight)]), 0.0
     return AnomalyLoss(cfg.kind, cfg.supervision, gamma, weights, cfg.scene_weight)

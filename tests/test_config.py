@@ -103,7 +103,11 @@ def test_a_resolution_without_its_shape_is_refused():
     ("optim.lr=0", r"optim.lr: expected a number in \(0, inf\)"), ("data.val_fraction=.nan", "found nan"),
     ("optim.grad_clip=.inf", "optim.grad_clip: expected a number in .*found inf"),
     ("train.seed=-1", r"train.seed: expected a number in \[0, inf\), found -1"), ("data.split_seed=-1", "split_seed"),
-    ("data.synth_seed=-2", "synth_seed")])
+    ("data.synth_seed=-2", "synth_seed"), ("loss.gamma=.nan", "loss.gamma: expected a number in"),
+    ("loss.pos_weight=.nan", "loss.pos_weight"), ("loss.scene_weight=-5", "loss.scene_weight"),
+    ("loss.beta=1", r"loss.beta: expected a number in \[0, 1\)"), ("augment.rotate_z_deg=.nan", "rotate_z_deg"),
+    ("augment.jitter_m=-1", "augment.jitter_m"), ("augment.scale=[1.1,0.9]", r"low <= high, found \(1.1, 0.9\)"),
+    ("augment.scale=[-1,1]", r"augment.scale: expected numbers in \(0, inf\), found \(-1.0, 1.0\)")])
 def test_out_of_range_numbers_are_one_line_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("configs/demo.yaml", [override])
