@@ -196,7 +196,8 @@ def _from_dict(cls, data: dict, where: str):
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
+        raise ConfigError(f"{where or 'top level'}: unknown key(s) {', '.join(unknown)}; valid keys: "
+                          f"{', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -254,7 +255,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.epochs=5)")
         key, raw = item.split("=", 1)
         _set_override(tree, key.strip(), raw.strip())
-    cfg = _from_dict(Config, tree, "")
+    try:
+        cfg = _from_dict(Config, tree, "")
+    except ConfigError as e:   # name where the settings came from (the key may sit in a `base:` file)
+        raise ConfigError(f"{path or 'defaults'}{' + overrides' if overrides else ''}: {e}") from None
     check_ranges(cfg)
     return cfg
 
@@ -294,9 +298,12 @@ def _read_yaml(path: Path, depth: int = 0) -> dict:
     if depth > 8:
         raise ConfigError(f"{path}: `base:` chain is too deep (a cycle?)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found; pass an existing YAML, e.g. configs/demo.yaml") from None
+    except (OSError, UnicodeDecodeError) as e:   # a folder, unreadable, or not text
+        raise ConfigError(f"{path}: cannot read it as a YAML config ({getattr(e, 'strerror', None) or e}); pass a "
+                          "YAML file, e.g. configs/demo.yaml") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
     if not isinstance(data, dict):

@@ -34,6 +34,22 @@ def test_unknown_key_lists_valid_ones():
         load_config(None, ["train.epochs"])
 
 
+def test_config_file_problems_name_the_file(tmp_path):
+    """A misspelt section (maybe in a `base:` file), a folder, a file that is not text."""
+    (tmp_path / "base.yaml").write_text("trian: {epochs: 3}\n")
+    (tmp_path / "a.yaml").write_text("base: base.yaml\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: top level: unknown key\(s\) trian; valid keys: .*train"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "base.yaml").write_text("train: {epochs: 3}\n")
+    with pytest.raises(ConfigError, match=r"a.yaml \+ overrides: train: unknown key\(s\) epoch"):
+        load_config(tmp_path / "a.yaml", ["train.epoch=3"])
+    with pytest.raises(ConfigError, match=rf"{tmp_path.name}: cannot read it as a YAML config"):
+        load_config(tmp_path)
+    (tmp_path / "b.yaml").write_bytes(b"train: {epochs: \xff\xfe}\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: cannot read it as a YAML config"):
+        load_config(tmp_path / "b.yaml")
+
+
 def test_base_chain_and_save_roundtrip(tmp_path):
     (tmp_path / "a.yaml").write_text("base: " + str(CONFIGS / "default.yaml") + "\ntrain: {epochs: 7}\n")
     cfg = load_config(tmp_path / "a.yaml")
