@@ -251,3 +251,29 @@ def test_anomaly_frames_without_a_readable_size_are_counted():
     acc.add_frame([0.7, 0.3], [False, False], size="what")   # not an anomaly frame: not counted
     res = acc.result(0.5)
     assert list(res["by_size"]) == ["large"] and res["by_size_unknown_frames"] == 2
+
+
+def test_collapse_alarm_fires_on_chance_ranking_and_only_then():
+    """Validation metrics as `validate` builds them: a constant output, a noisy "normal
+    everywhere" and a healthy model on the same voxels (1% anomalies)."""
+    from sparse_ad.engine.protocol import ProtocolAccumulator
+    from sparse_ad.engine.validate import collapse_reason
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros(10_000, bool)
+    labels[:100] = True
+
+    def metrics(scores):
+        acc = ProtocolAccumulator()
+        acc.add_frame(scores.astype(np.float32), labels)
+        return acc.result(acc.all.best_f1_threshold())
+
+    constant = metrics(np.full(10_000, 0.01))
+    assert constant["normality_included"]["detections"] > 0        # the calibrated threshold always detects
+    assert "no better than chance" in collapse_reason(constant)
+    assert "no better than chance" in collapse_reason(metrics(rng.uniform(0, 0.1, 10_000)))
+    healthy = rng.uniform(0, 0.5, 10_000) + 0.4 * labels
+    assert collapse_reason(metrics(healthy)) is None
+    no_anomalies = metrics(np.full(10_000, 0.01))
+    no_anomalies["normality_included"]["anomaly_voxels"] = 0
+    assert collapse_reason(no_anomalies) is None

@@ -10,7 +10,7 @@
   the same command again resumes.
 - Validation reports AUROC, AUPR, FPR95, recall, detections and positive rate at a
   threshold calibrated on validation; a collapse alarm fires when anomalies exist in
-  validation but nothing is detected.
+  validation but the scores rank them no better than chance (`validate.collapse_reason`).
 - DDP through torchrun (gloo on CPU, NCCL on GPU), same code path.
 """
 
