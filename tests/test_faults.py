@@ -297,6 +297,7 @@ def test_a_stop_mid_epoch_resumes_to_the_same_history(tiny_split, tmp_path, monk
 
     class StopInSecondEpoch:   # stop.set is read before each step and after each epoch
         reads = 0
+        signum = None
 
         def __enter__(self):
             return self
@@ -313,7 +314,14 @@ def test_a_stop_mid_epoch_resumes_to_the_same_history(tiny_split, tmp_path, monk
         m.setattr(train_mod, "_StopFlag", StopInSecondEpoch)
         assert train(cfg, tmp_path / "run")["stopped"]
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step_in_epoch"] == 1
-    train(cfg, tmp_path / "run")
+    from sparse_ad.data.dataset import FrameDataset
+
+    loaded = []
+    real_load = FrameDataset._load
+    with monkeypatch.context() as m:   # the resumed epoch loads only its 2 remaining steps' frames
+        m.setattr(FrameDataset, "_load", lambda self, i, ref: loaded.append(self.train) or real_load(self, i, ref))
+        train(cfg, tmp_path / "run")
+    assert loaded.count(True) == 4
     assert _history(tmp_path / "run") == _history(tmp_path / "ref")
 
 

@@ -7,6 +7,7 @@ pools them, logs and writes files.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import warnings
@@ -206,17 +207,40 @@ def make_loader(dataset: FrameDataset, cfg: Config, rt: Runtime, shuffle: bool):
 
     sampler = None
     if shuffle and rt.distributed:
-        sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
-                                     seed=cfg.train.seed, drop_last=False)
+        sampler = _Resumable(DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
+                                                seed=cfg.train.seed, drop_last=False))
         rt.sampler = sampler
     elif shuffle:
-        sampler = _EpochSeededSampler(dataset, cfg.train.seed)
+        sampler = _Resumable(_EpochSeededSampler(dataset, cfg.train.seed))
         rt.sampler = sampler
     workers = cfg.data.num_workers
     return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, shuffle=False,
                       num_workers=workers, collate_fn=collate, persistent_workers=False,
                       pin_memory=rt.device.type == "cuda",
                       multiprocessing_context="fork" if workers and os.name == "posix" else None)
+
+
+class _Resumable(torch.utils.data.Sampler):
+    """A sampler whose next pass can start part-way (`skip_next`): a run resumed mid-epoch
+    loads only the frames it has not trained on yet, in the order the stopped run had them
+    (batches are consecutive runs of the order, so skipping steps x batch size indices lines
+    the rest up). Its length stays the full epoch's: the schedule counts those steps."""
+
+    def __init__(self, inner):
+        self.inner, self.skip = inner, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def skip_next(self, indices: int) -> None:
+        self.skip = indices
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.inner), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.inner)
 
 
 class _EpochSeededSampler(torch.utils.data.Sampler):

@@ -146,10 +146,12 @@ def _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer) -> tuple[St
 
     state.model.train()
     stats = StepStats(**state.epoch_stats) if state.step_in_epoch else StepStats()   # resumed mid-epoch
-    bar = progress_bar(loader, rt.is_main, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", leave=False)
-    for step, batch in enumerate(bar):
-        if step < state.step_in_epoch:  # resumed mid-epoch: these steps were done before the stop
-            continue
+    first = state.step_in_epoch   # resumed mid-epoch: the steps before were done before the stop
+    if first and rt.sampler is not None:
+        rt.sampler.skip_next(first * cfg.train.batch_size)   # so their frames are not even loaded
+    bar = progress_bar(loader, rt.is_main, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", leave=False,
+                       initial=first)
+    for step, batch in enumerate(bar, start=first):
         # nothing loaded, or no point of the batch inside the grid: decided on all ranks together,
         # or those that go on wait forever in DDP's all-reduce
         vb = voxelize_batch(batch, rt.grid, rt.device) if len(batch) else None
