@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from sparse_ad.config import DEFAULT_ENGINE
 from sparse_ad.data.in_flight import naming_dead_workers
 from sparse_ad.io import atomic_save_npy, claim_folder, file_sha256
 
@@ -44,7 +43,7 @@ def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, de
     split = open_split(data, cfg.data.sensor, need_gt=False)
     out = Path(out)
     claim_folder(out, MANIFEST, {"checkpoint_sha256": file_sha256(checkpoint), "views": cfg.model.test_views,
-                                 "engine": scoring.engine or DEFAULT_ENGINE[dev.type],
+                                 "engine": scoring.engine_on(dev),
                                  "precision": "fp16" if dev.type == "cuda" else "fp32"},
                  "prediction files", has_output=any(out.glob("Scenario_*/VOXEL_GRID_*.npy")))
     todo = [r for r in split.frames if not prediction_file(out, r).exists()]

@@ -171,7 +171,7 @@ def test_predict_then_eval_preds_equals_eval(trained, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["frames"] == 12
     # test-time augmentation on request: other scores on the same voxels, and a warning that
     # the stored threshold was calibrated with the checkpoint's own view count
-    assert ev["views"] == cfg.model.test_views
+    assert ev["views"] == cfg.model.test_views and ev["engine"] == "spconv" and "graph_captures" not in ev
     views = 2 if cfg.model.test_views != 2 else 4
     with pytest.warns(UserWarning, match="calibrated with"):
         assert predict_split(run / "best.pt", cfg.data.root, tmp_path / "p2", progress=False,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparse_ad.config import Config, check_ranges, config_from_saved
+from sparse_ad.config import DEFAULT_ENGINE, Config, check_ranges, config_from_saved
 from sparse_ad.data.anovox import FrameRef, open_split
 from sparse_ad.data.files import load_voxel_grid, read_kv_csv
 from sparse_ad.data.in_flight import naming_dead_workers
@@ -138,6 +138,10 @@ class Scoring:
     batch_size: int | None = None
     workers: int | None = None
 
+    def engine_on(self, device: torch.device) -> str:
+        """The engine that scores on `device`: the one asked for, or the device's default."""
+        return self.engine or DEFAULT_ENGINE[device.type]
+
 
 def load_checkpoint_model(checkpoint: Path, device: torch.device, scoring: Scoring = Scoring()):
     """(inference model, resolved Config, checkpoint dict) from a checkpoint file: BN folded into
@@ -227,7 +231,10 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, a
     threshold = float(ck.get("threshold", 0.5))
     result = acc.result(threshold)
     result.update({"checkpoint": str(checkpoint), "epoch": ck.get("epoch"),
-                   "frames_scope": "all" if all_frames else "held-out scenarios", "views": cfg.model.test_views})
+                   "frames_scope": "all" if all_frames else "held-out scenarios", "views": cfg.model.test_views,
+                   "engine": scoring.engine_on(dev)})
+    if hasattr(model, "captures"):   # gather_gemm_graphs: what a stream of frames cost it in captures
+        result["graph_captures"] = model.captures
     out = Path(out)
     _write_json(out / "metrics.json", result)
     plot_curves(acc, out / "curves.png")

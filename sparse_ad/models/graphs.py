@@ -90,6 +90,7 @@ class GraphedGatherGemm(nn.Module):
         self.max_graphs = max_graphs
         self._signatures: OrderedDict[tuple[int, ...], _Signature] = OrderedDict()
         self._pool = None
+        self.captures = 0   # graphs captured so far, evicted ones included (`eval` reports it)
 
     def train(self, mode: bool = True):
         self.net.train(mode)   # refuses mode=True
@@ -151,6 +152,7 @@ class GraphedGatherGemm(nn.Module):
             raise SparseADError(f"CUDA graph capture failed ({error_chain(e)}); use the gather_gemm engine, "
                                 "which runs the same ops without a graph") from e
         sig.graph = graph
+        self.captures += 1
 
 
 def error_chain(e: BaseException) -> str:
