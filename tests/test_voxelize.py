@@ -276,7 +276,7 @@ def test_torch_cpu_tensor_gives_the_numpy_result():
 @pytest.mark.parametrize("points, labels, match", [
     (np.zeros((4, 2)), None, r"\(N, 3\+C\)"),
     (np.zeros(4), None, r"\(N, 3\+C\)"),
-    (np.zeros((4, 3)), np.zeros(3, np.int32), "labels has 3 rows but points has 4"),
+    (np.zeros((4, 3)), np.zeros(3, np.int32), "labels must be integer of shape \\(4,\\), got int32 of shape \\(3,\\)"),
     ([[0.0, 0.0, 0.0]], None, "numpy array or torch tensor"),
 ])
 def test_bad_input_raises_project_error(points, labels, match):
@@ -315,3 +315,28 @@ def test_bench_refuses_to_time_methods_that_disagree(monkeypatch):
     monkeypatch.setattr(bench, "numpy_reference", off_by_one)
     with pytest.raises(SparseADError, match="disagree on 3000 points at 0.5 m; not timing a wrong result"):
         bench.bench_voxelize(sizes=(3000,), resolutions=(0.5,), device="cpu", repeats=1)
+
+
+def test_entry_point_checks_and_converts_inputs_like_the_cuda_path():
+    """Labels must be (N,) integers on both paths; other numeric points become float32;
+    CPU torch tensors (with grad, other dtypes, numpy labels) work as on CUDA."""
+    import torch
+
+    from sparse_ad.errors import SparseADError
+    from sparse_ad.voxelize import voxelize
+
+    p = np.random.default_rng(0).uniform(-5, 5, (100, 4))
+    ref = voxelize(p.astype(np.float32), labels=np.arange(100))
+    for bad, match in [(np.full(100, 24.7), r"labels must be integer of shape \(100,\), got float64"),
+                       (np.zeros((100, 1), np.int32), r"got int32 of shape \(100, 1\)"),
+                       ([1] * 100, "got list")]:
+        with pytest.raises(SparseADError, match=match):
+            voxelize(p, labels=bad)
+    with pytest.raises(SparseADError, match="numeric points"):
+        voxelize(p.astype(object))
+    half = voxelize(p.astype(np.float16), labels=np.arange(100, dtype=np.uint16))
+    assert half.features.dtype == np.float32 and len(half.coords) > 90   # float16 may merge a few voxels
+    for points, labels in [(torch.tensor(p, dtype=torch.float32, requires_grad=True), torch.arange(100)),
+                           (torch.tensor(p, dtype=torch.float32), np.arange(100))]:
+        got = voxelize(points, labels=labels)
+        assert np.array_equal(got.coords, ref.coords) and np.array_equal(got.labels, ref.labels)

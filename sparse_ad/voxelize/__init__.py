@@ -34,12 +34,13 @@ def voxelize(points, grid: VoxelGrid | None = None, labels=None) -> Voxels:
         raise SparseADError(f"voxelize expects a numpy array or torch tensor, got {type(points).__name__}")
     if points.ndim != 2 or points.shape[1] < 3:
         raise SparseADError(f"voxelize expects points of shape (N, 3+C), got {tuple(points.shape)}")
-    if labels is not None and labels.shape[0] != points.shape[0]:
-        raise SparseADError(f"labels has {labels.shape[0]} rows but points has {points.shape[0]}")
+    check_labels(labels, points.shape[0])
     if isinstance(points, np.ndarray):
-        if labels is not None and not isinstance(labels, np.ndarray):
-            raise SparseADError("points is a numpy array, so labels must be one too")
-        return _cpu().voxelize_cpu(points, grid, labels)
+        if points.dtype not in (np.float32, np.float64):   # as the CUDA path: other numbers become float32
+            if points.dtype.kind not in "fiu":
+                raise SparseADError(f"voxelize expects numeric points (float32 or float64), got dtype {points.dtype}")
+            points = points.astype(np.float32)
+        return _cpu().voxelize_cpu(points, grid, None if labels is None else np.asarray(labels))
     import torch
 
     if isinstance(points, torch.Tensor):
@@ -47,9 +48,25 @@ def voxelize(points, grid: VoxelGrid | None = None, labels=None) -> Voxels:
             from sparse_ad.voxelize.cuda import voxelize_cuda
 
             return voxelize_cuda(points, grid, labels)
-        vox = _cpu().voxelize_cpu(points.numpy(), grid, None if labels is None else labels.numpy())
-        return vox
+        points = points.detach()
+        if points.dtype not in (torch.float32, torch.float64):
+            points = points.float()
+        tags = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels
+        return _cpu().voxelize_cpu(points.numpy(), grid, tags)
     raise SparseADError(f"voxelize expects a numpy array or torch tensor, got {type(points).__name__}")
+
+
+def check_labels(labels, n: int) -> None:
+    """Labels are None or an integer array/tensor of shape (N,) (a float tag would be
+    truncated, a NaN one wrap to INT32_MIN, so neither is guessed at)."""
+    if labels is None:
+        return
+    if not hasattr(labels, "shape") or not hasattr(labels, "dtype"):
+        raise SparseADError(f"labels must be an integer array or tensor of shape ({n},), got {type(labels).__name__}")
+    integer = str(labels.dtype).replace("torch.", "").startswith(("int", "uint"))
+    if tuple(labels.shape) != (n,) or not integer:
+        raise SparseADError(f"labels must be integer of shape ({n},), got {labels.dtype} of shape "
+                            f"{tuple(labels.shape)}")
 
 
 def _cpu():

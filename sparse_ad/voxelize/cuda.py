@@ -59,6 +59,7 @@ from numba import cuda
 from sparse_ad.errors import SparseADError
 from sparse_ad.grid import VoxelGrid
 from sparse_ad.tags import ROAD_LINE
+from sparse_ad.voxelize import check_labels
 from sparse_ad.voxelize.cpu import table_capacity
 from sparse_ad.voxelize.result import Voxels
 
@@ -568,9 +569,7 @@ def voxelize_cuda(points, grid: VoxelGrid | None = None, labels=None) -> Voxels:
         if not isinstance(labels, torch.Tensor) or labels.device != points.device:
             raise SparseADError(f"labels must be a torch tensor on {points.device} like points, "
                                 f"got {_describe(labels)}")
-        if labels.shape != (points.shape[0],) or labels.is_floating_point():
-            raise SparseADError(f"labels must be integer of shape ({points.shape[0]},), got "
-                                f"{labels.dtype} of shape {tuple(labels.shape)}")
+        check_labels(labels, points.shape[0])
         tags = labels.detach().to(torch.int32).contiguous()
     with cuda.gpus[points.device.index]:
         backend = _torch_backend(points.device)
