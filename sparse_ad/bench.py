@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -100,6 +101,8 @@ def interleaved_ms(device_type: str, fns: dict, rounds: int, warmup: int = 3) ->
     """
     import gc
 
+    if rounds < 1:
+        raise SparseADError(f"timing needs at least one round, got {rounds}")
     cuda = device_type == "cuda"
     if cuda:
         import torch
@@ -373,7 +376,19 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _int_list(text: str) -> list[int]:
-    return [int(v) for v in _float_list(text)]
+    """Comma-separated whole numbers >= 1 (point counts: 0.5 would round to an empty cloud)."""
+    return [positive_int(v) for v in text.split(",") if v.strip()] or [positive_int("")]
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (repeats, rounds, points, batch sizes)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1 and value.is_integer()):
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 1, got {text!r}")
+    return int(value)
 
 
 def _float_list(text: str) -> list[float]:
@@ -394,7 +409,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--resolutions", type=_float_list, default=list(DEFAULT_RESOLUTIONS),
                         help="voxel sizes in metres, comma-separated (default %(default)s)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=positive_int, default=None,
                         help="timed runs per method after a warm-up (default 3 CPU, 20 CUDA)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report (default %(default)s)")

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from sparse_ad.bench import interleaved_ms, lidar_cloud, machine_info, median_ms
+from sparse_ad.bench import interleaved_ms, lidar_cloud, machine_info, median_ms, positive_int
 from sparse_ad.config import load_config
 from sparse_ad.data.batch import Batch, voxelize_batch
 from sparse_ad.errors import SparseADError, reported
@@ -131,6 +131,10 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     results = {"train_step": float(median_ms(dev.type, repeats, train_step, warmup=warmup))}
+    peak_mb = {}
+    if dev.type == "cuda":   # training's peak alone; the inference stages below get their own
+        peak_mb["train"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        torch.cuda.reset_peak_memory_stats(dev)
     fused = fuse_for_inference(model.eval(), half=dev.type == "cuda")   # from the trained weights and BN stats
     gemm = fuse_for_inference(fused, engine="gather_gemm")
     model.train()
@@ -172,7 +176,9 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         "test_views": cfg.model.test_views, "inference_views_ms_per_frame": results.get("inference_views"),
         "eval_ms_per_frame": results["eval_batch"] / batch_size,
         "inference_spread_ms": spread,
-        "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else None,
+        "peak_gpu_memory_mb": peak_mb.get("train"),   # of the training steps
+        "peak_inference_gpu_memory_mb": (torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda"
+        else None,   # of every inference stage and the eval batch, training's tensors still held
         "repeats": repeats, "latency_rounds": latency_rounds, "machine": machine_info(),
     }
     return out
@@ -231,7 +237,8 @@ def format_table(r: dict) -> str:
               if r.get("inference_views_ms_per_frame") is not None else []),
             (f"eval, {r['batch_size']} frames x {r['test_views']} views a pass (ms/frame)",
              f"{r['eval_ms_per_frame']:.1f}"),
-            ("peak GPU memory (MB)", "n/a" if r["peak_gpu_memory_mb"] is None else f"{r['peak_gpu_memory_mb']:.0f}")]
+            ("peak GPU memory, training (MB)",
+             "n/a" if r["peak_gpu_memory_mb"] is None else f"{r['peak_gpu_memory_mb']:.0f}")]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
@@ -242,10 +249,10 @@ def main(argv=None) -> int:
                                 "(example: python tools/bench_model.py --config configs/anovox_mono.yaml)")
     p.add_argument("--config", default=None)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    p.add_argument("--points", type=int, default=120_000)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=10, help="training steps timed (median)")
-    p.add_argument("--latency-rounds", type=int, default=100,
+    p.add_argument("--points", type=positive_int, default=120_000)
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--repeats", type=positive_int, default=10, help="training steps timed (median)")
+    p.add_argument("--latency-rounds", type=positive_int, default=100,
                    help="rounds of the interleaved inference timings (each variant once per round)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data", default=None, help="also time reading + voxelizing this split's frames")

@@ -102,9 +102,16 @@ def test_output_paths_numbers_and_tools_fail_in_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["synth", str(tmp_path / "file" / "split")]) == 2
     assert "cannot create the output folder" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        main(["bench-voxelize", "--sizes", "0"])
-    assert e.value.code == 2 and "positive numbers" in capsys.readouterr().err
+    for args in (["--sizes", "0"], ["--sizes", "1000,0.5"], ["--repeats", "-1"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(["bench-voxelize", *args])
+        assert e.value.code == 2 and "expected whole numbers >= 1" in capsys.readouterr().err
+    from sparse_ad.bench_model import main as bench_model_main
+
+    for args in (["--repeats", "0"], ["--latency-rounds", "0"], ["--points", "1e3.5"]):
+        with pytest.raises(SystemExit) as e:
+            bench_model_main(args)
+        assert e.value.code == 2 and "expected whole numbers >= 1" in capsys.readouterr().err
     for bad in ("nan", "inf", "x"):
         with pytest.raises(SystemExit) as e:
             main(["eval-preds", "--pred-dir", "p", "--data", "d", "--out", "m.json", "--threshold", bad])

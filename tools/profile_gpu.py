@@ -64,8 +64,11 @@ def main() -> int:
     kern = next(iter(k_many.overloads.values()))
     r["launch_12arrays_overload_direct"] = host_ms(
         lambda: kern.launch([*views, 1.0, 2.0, 3, 4, 5], (1, 1, 1), (32, 1, 1), stream, 0), sync=False)
-    r["gpus_context"] = host_ms(lambda: cuda.gpus[0].__enter__() and cuda.gpus[0].__exit__(None, None, None),
-                            sync=False)
+    def gpus_context():   # what voxelize_cuda's `with cuda.gpus[i]:` costs: enter and exit
+        with cuda.gpus[0]:
+            pass
+
+    r["gpus_context"] = host_ms(gpus_context, sync=False)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
