@@ -4,23 +4,46 @@
 # torch.unique, with a floor estimate), the training/inference benchmark (every inference
 # engines), and a short real training run + held-out evaluation on a synthetic split (with
 # every engine). Results land in $OUT (default runs/device); each step has its own time limit
-# so one hang does not lose the rest.
+# so one hang does not lose the rest; the exit status is 1 when any step failed.
 #   OUT=runs/device bash tools/device_check.sh [steps...]   # steps: env cases vox model profile train
+# On a lent machine with limits (one command <= 10 min, at most 8 files back from $OUT):
+#   WORK=/tmp/dc BUDGET=540 OUT=$OUT bash tools/device_check.sh env cases vox model
+# writes under WORK and packs the small results (logs, JSON, tables; no checkpoints or
+# TensorBoard files) into $OUT/results.tar.gz, with $OUT/steps.txt, after every step; BUDGET
+# (seconds, all steps together) cuts each step's limit to what is left.
 set -uo pipefail
 OUT=${OUT:-runs/device}
-mkdir -p "$OUT"
+WORK=${WORK:-$OUT}
+BUDGET=${BUDGET:-0}
+mkdir -p "$OUT" "$WORK"
+failed=0
 PY=${PYTHON:-python3}
 export NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-/tmp/numba-cache} SPARSE_AD_NO_PROGRESS=1
 export SPARSE_AD_CACHE=${SPARSE_AD_CACHE:-/tmp/sparse_ad_cache}
 steps=${*:-env cases vox model profile train}
 
-step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, record the status
+pack() {  # the small results of WORK into $OUT (nothing to do when they are the same folder)
+  [ "$WORK" = "$OUT" ] && return
+  tar -czf "$OUT/results.tar.gz" -C "$WORK" --exclude='*.pt' --exclude='tb' --exclude='events.out.*' . 2>/dev/null
+  cp "$WORK/steps.txt" "$OUT/steps.txt" 2>/dev/null
+}
+
+step() {  # step NAME SECONDS CMD...: run with a limit, log to $WORK/NAME.log, record the status
   local name=$1 limit=$2; shift 2
+  if [ "$BUDGET" -gt 0 ]; then
+    local left=$((BUDGET - SECONDS - 15))   # 15 s for packing and the transfer
+    if [ "$left" -lt 30 ]; then
+      echo "$name skipped: BUDGET=$BUDGET s spent" | tee -a "$WORK/steps.txt"; failed=1; pack; return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
-  echo "$name rc=$rc $((SECONDS-t0))s" | tee -a "$OUT/steps.txt"
-  tail -n 25 "$OUT/$name.log"
+  [ "$rc" -ne 0 ] && failed=1
+  echo "$name rc=$rc $((SECONDS-t0))s (limit ${limit}s)" | tee -a "$WORK/steps.txt"
+  tail -n 25 "$WORK/$name.log"
+  pack
 }
 
 for s in $steps; do case $s in
@@ -30,16 +53,17 @@ spconv.__version__, cuda.is_available(), torch.cuda.get_device_name()); \
 import importlib.metadata as md; print({p: md.version(p) for p in (\"numba-cuda\", \"cuda-bindings\", \"cuda-core\") \
 if any(d.metadata[\"Name\"] == p for d in md.distributions())})'" ;;
   cases) step cases 180 $PY -m pytest -q -p no:cacheprovider tests/cudasim_cases.py ;;
-  vox) step vox 200 $PY tools/voxelize.py --device cuda --out "$OUT/voxelize.json" ;;
+  vox) step vox 200 $PY tools/voxelize.py --device cuda --out "$WORK/voxelize.json" ;;
   model) step model 300 bash -c "$PY tools/bench_model.py --config configs/anovox_mono.yaml --device cuda \
---batch-size 8 --out $OUT/model_mono.json && $PY tools/bench_model.py --config configs/anovox_mono.yaml \
---device cuda --batch-size 8 --out $OUT/model_mono_1block.json model.blocks_per_level=1 && \
-$PY tools/bench_model.py --config configs/demo.yaml --device cuda --batch-size 8 --out $OUT/model_demo.json" ;;
-  profile) step profile 200 $PY tools/profile_gpu.py --out "$OUT/profile" ;;
-  train) step train 400 bash -c "$PY tools/train.py --config configs/demo.yaml --run-dir $OUT/run \
+--batch-size 8 --out $WORK/model_mono.json && $PY tools/bench_model.py --config configs/anovox_mono.yaml \
+--device cuda --batch-size 8 --out $WORK/model_mono_1block.json model.blocks_per_level=1 && \
+$PY tools/bench_model.py --config configs/demo.yaml --device cuda --batch-size 8 --out $WORK/model_demo.json" ;;
+  profile) step profile 200 $PY tools/profile_gpu.py --out "$WORK/profile" ;;
+  train) step train 400 bash -c "$PY tools/train.py --config configs/demo.yaml --run-dir $WORK/run \
 train.device=cuda train.max_minutes=4 train.epochs=30 data.num_workers=6 train.cpu_threads=0 && \
-$PY tools/evaluate.py --checkpoint $OUT/run/best.pt --out $OUT/eval && \
-$PY tools/evaluate.py --checkpoint $OUT/run/best.pt --out $OUT/eval_gemm --engine gather_gemm && \
-$PY tools/evaluate.py --checkpoint $OUT/run/best.pt --out $OUT/eval_graphs --engine gather_gemm_graphs" ;;
+$PY tools/evaluate.py --checkpoint $WORK/run/best.pt --out $WORK/eval && \
+$PY tools/evaluate.py --checkpoint $WORK/run/best.pt --out $WORK/eval_gemm --engine gather_gemm && \
+$PY tools/evaluate.py --checkpoint $WORK/run/best.pt --out $WORK/eval_graphs --engine gather_gemm_graphs" ;;
   *) echo "unknown step $s (env cases vox model profile train)"; exit 2 ;;
 esac; done
+exit $failed
