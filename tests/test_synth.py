@@ -540,3 +540,41 @@ def test_lead_van_scores_need_a_synthetic_split(mono, tmp_path):
     with pytest.raises(ConfigError, match="split written by `sparse-ad synth`"):
         replan(tmp_path)
     assert len(replan(root)) == 2
+
+
+def _resolve(cache: str, queue) -> None:
+    import contextlib
+    import io
+    import os
+
+    os.environ["SPARSE_AD_CACHE"] = cache
+    from sparse_ad.config import load_config
+    from sparse_ad.engine.runtime import resolve_data_root
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        resolve_data_root(load_config("configs/demo.yaml", ["data.synth_scenarios=6", "data.synth_frames=2",
+                                                            "data.synth_seed=3"]))
+    queue.put(out.getvalue())
+
+
+def test_two_processes_asking_for_the_same_synthetic_split_get_one_intact_copy(tmp_path, monkeypatch):
+    """Two runs side by side on a fresh cache: one writes while the other waits (both writing
+    deleted each other's scenario folders and left a split with frames missing)."""
+    import multiprocessing as mp
+
+    from sparse_ad.data.anovox import open_split
+
+    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_resolve, args=(str(tmp_path), queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    printed = [queue.get(timeout=5) for _ in procs]
+    assert sum("writing a synthetic" in text for text in printed) == 1
+    split = open_split(next(p for p in tmp_path.glob("synth_*") if p.is_dir()))
+    assert split.skipped_frames == 0 and len(split.frames) == 12

@@ -7,6 +7,7 @@ pools them, logs and writes files.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import random
@@ -21,6 +22,7 @@ from sparse_ad.config import Config
 from sparse_ad.data.dataset import FrameDataset, train_val_frames
 from sparse_ad.errors import ConfigError, SparseADError
 from sparse_ad.grid import VoxelGrid
+from sparse_ad.io import atomic_write_text
 
 
 @dataclass
@@ -135,11 +137,21 @@ def resolve_data_root(cfg: Config) -> Path:
     shares = f"a{d.synth_anomaly_share:g}" + (f"_b{d.synth_braking_share:g}" if d.synth_braking_share else "")
     root = cache / f"synth_s{d.synth_scenarios}_f{d.synth_frames}_{shares}_seed{d.synth_seed}"
     done = root / ".complete"
-    if not done.exists():
-        print(f"no data.root configured: writing a synthetic AnoVox-layout split to {root}")
-        write_split(root, scenarios=d.synth_scenarios, frames=d.synth_frames, seed=d.synth_seed,
-                    anomaly_share=d.synth_anomaly_share, braking_share=d.synth_braking_share)
-        done.write_text("ok\n")
+    if done.exists():
+        return root
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        lock = open(cache / f"{root.name}.lock", "w")   # noqa: SIM115 - held across the write below
+    except OSError as e:
+        raise SparseADError(f"{cache}: cannot write the synthetic split's cache there ({e.strerror or e}); set "
+                            "SPARSE_AD_CACHE to a writable folder, or data.root to a split") from None
+    with lock:   # another process writing the same split (two studies side by side): wait for it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            print(f"no data.root configured: writing a synthetic AnoVox-layout split to {root}")
+            write_split(root, scenarios=d.synth_scenarios, frames=d.synth_frames, seed=d.synth_seed,
+                        anomaly_share=d.synth_anomaly_share, braking_share=d.synth_braking_share)
+            atomic_write_text(done, "ok\n")
     return root
 
 
