@@ -265,6 +265,22 @@ def test_frames_without_a_point_in_the_grid_are_passed_over_alone_in_a_batch(tin
     assert rows[:4] == [0, 0, 0, 0] and rows[4] > 1000
 
 
+def test_the_time_budget_counts_across_resumes(tiny_split, tmp_path, monkeypatch, capsys):
+    """A run the budget ended is finished: rerunning it (a study resumed after an interrupted
+    evaluation) trains no more, unless the budget is raised (a runtime setting)."""
+    monkeypatch.setenv("SPARSE_AD_NO_PROGRESS", "1")
+    over = [f"data.root={tiny_split}", "train.epochs=3", *TINY]
+    train(load_config("configs/demo.yaml", [*over, "train.max_minutes=0.0001"]), tmp_path / "run")
+    assert [h["epoch"] for h in _history(tmp_path / "run")] == [1]
+    capsys.readouterr()
+    train(load_config("configs/demo.yaml", [*over, "train.max_minutes=0.0001"]), tmp_path / "run")
+    assert "time budget of 0.0001 min reached after epoch 1" in capsys.readouterr().out
+    assert [h["epoch"] for h in _history(tmp_path / "run")] == [1]
+    train(load_config("configs/demo.yaml", [*over, "train.max_minutes=0"]), tmp_path / "run")
+    assert [h["epoch"] for h in _history(tmp_path / "run")] == [1, 2, 3]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["minutes"] > 0
+
+
 def test_non_finite_loss_stops_with_step_frames_and_hint(tiny_split, tmp_path, monkeypatch):
     from sparse_ad.engine import checkpoint as ck_mod
 

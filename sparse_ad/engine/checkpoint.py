@@ -46,6 +46,7 @@ class TrainState:
     scheduler_state: dict | None = None
     ema: WeightAverage | None = None  # train.ema_decay > 0
     layout: dict = field(default_factory=dict)   # processes and steps per epoch (`check_layout`)
+    minutes: float = 0.0              # wall time trained so far, over resumes (train.max_minutes)
 
     @property
     def bare_model(self) -> torch.nn.Module:
@@ -86,7 +87,7 @@ def save(path: Path, state: TrainState, sched, epoch: int, step_in_epoch: int, r
         "class_counts": list(state.class_counts), "history": state.history,
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "config": config_to_dict(rt.cfg), "layout": state.layout,
+        "config": config_to_dict(rt.cfg), "layout": state.layout, "minutes": state.minutes,
         "versions": versions(),
     }
     if state.ema is not None:  # "model" holds the average; resuming needs the raw weights too
@@ -235,6 +236,7 @@ def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
         state.threshold, state.history = float(ck["threshold"]), list(ck["history"])
         state.scheduler_state = ck["scheduler"]
         state.layout = dict(ck.get("layout") or {})   # absent from checkpoints of older versions
+        state.minutes = float(ck.get("minutes", 0.0))
     return state
 
 

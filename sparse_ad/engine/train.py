@@ -112,13 +112,19 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
     total_steps = max(cfg.train.epochs * len(loader), 1)
     sched = ckpt.build_scheduler(cfg, state.optimizer, total_steps, state.scheduler_state)
     writer = rt.tensorboard(run_dir)
-    start = time.monotonic()
+    start = time.monotonic() - 60 * state.minutes   # the budget counts the minutes before a resume too
     with _StopFlag() as stop:
         for epoch in range(state.epoch, cfg.train.epochs):
+            state.minutes = (time.monotonic() - start) / 60
+            over = bool(cfg.train.max_minutes) and state.minutes > cfg.train.max_minutes
+            if rt.any_rank(over)[0]:   # every rank's clock: they must stop before the same epoch
+                _log(rt, f"time budget of {cfg.train.max_minutes} min reached after epoch {epoch}")
+                break
             rt.train_set.set_epoch(epoch)
             if rt.sampler is not None:
                 rt.sampler.set_epoch(epoch)
             stats, stopped = _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer)
+            state.minutes = (time.monotonic() - start) / 60
             if stopped:
                 state.epoch_stats = asdict(stats)   # the resumed epoch adds to these
                 ckpt.save(run_dir / "last.pt", state, sched, epoch=epoch, step_in_epoch=state.step_in_epoch,
@@ -130,11 +136,8 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
             # every rank scores a share with the bare module (not through DDP: its forward would
             # start gradient-sync collectives); rank 0 gets the metrics and shares them
             metrics = rt.broadcast(validate(cfg, rt, state.eval_model, epoch))
+            state.minutes = (time.monotonic() - start) / 60
             _record_epoch(cfg, rt, run_dir, state, sched, epoch, stats, metrics, writer)
-            over = bool(cfg.train.max_minutes) and (time.monotonic() - start) / 60 > cfg.train.max_minutes
-            if rt.any_rank(over)[0]:   # every rank's clock: they must stop after the same epoch
-                _log(rt, f"time budget of {cfg.train.max_minutes} min reached after epoch {epoch + 1}")
-                break
     return _finish(cfg, rt, run_dir, state)
 
 
