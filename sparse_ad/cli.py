@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred-dir", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--threshold", type=_finite_float, default=0.5, help="score threshold for recall/precision/F1")
+    p.add_argument("--threshold", type=_finite_float, default=None,
+                   help="score threshold for recall/precision/F1 (default: the calibrated one `predict` wrote into "
+                        "PRED_DIR/predict.json, else 0.5)")
     p.add_argument("--histogram-bins", type=int, default=0,
                    help="approximate metrics with this many score bins over [0, 1] (flat memory for huge splits)")
     _add_config_args(p)

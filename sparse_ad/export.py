@@ -5,7 +5,8 @@ Layout mirrors the split: `OUT/Scenario_<id>/VOXEL_GRID_<frame>.npy` with rows
 score them. Files are written atomically and existing ones are kept, so an interrupted
 run resumes where it stopped — with the same checkpoint, view count, engine and precision
 only, which `OUT/predict.json` records (a rerun with others is refused rather than mixing
-two models' files in one folder).
+two models' files in one folder), beside the checkpoint's calibrated threshold, which
+`eval-preds` then scores at by default.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, de
     out = Path(out)
     claim_folder(out, MANIFEST, {"checkpoint_sha256": file_sha256(checkpoint), "views": cfg.model.test_views,
                                  "engine": scoring.engine_on(dev),
-                                 "precision": "fp16" if dev.type == "cuda" else "fp32"},
+                                 "precision": "fp16" if dev.type == "cuda" else "fp32",
+                                 "threshold": float(ck.get("threshold", 0.5))},   # eval-preds' default
                  "prediction files", has_output=any(out.glob("Scenario_*/VOXEL_GRID_*.npy")))
     todo = [r for r in split.frames if not prediction_file(out, r).exists()]
     written = 0
@@ -58,5 +60,7 @@ def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, de
             gt_file = ref.scenario.voxel_grid_file(ref.frame)
             plot_bev(coords, scores, gt_file if gt_file.exists() else None, cfg, path.with_suffix(".png"),
                      threshold=float(ck.get("threshold", 0.5)), title=ref.name)   # validation's operating point
-    print(f"wrote {written} prediction file(s) under {out} ({len(split.frames) - len(todo)} already there)")
+    print(f"wrote {written} prediction file(s) under {out} ({len(split.frames) - len(todo)} already there); the "
+          f"checkpoint's calibrated threshold {float(ck.get('threshold', 0.5)):.6g} is in {out / MANIFEST}, "
+          "where eval-preds takes it from")
     return written

@@ -157,8 +157,8 @@ def test_predict_then_eval_preds_equals_eval(trained, tmp_path, monkeypatch):
     f = next(preds.glob("Scenario_*/VOXEL_GRID_*.npy"))
     rows = np.load(f, allow_pickle=False)
     assert rows.dtype == np.float32 and rows.shape[1] == 4
-    ep = evaluate_predictions(preds, cfg.data.root, tmp_path / "ep.json", cfg, threshold=ev["threshold"],
-                              progress=False)
+    ep = evaluate_predictions(preds, cfg.data.root, tmp_path / "ep.json", cfg, progress=False)
+    assert ep["threshold"] == ev["threshold"] != 0.5   # recorded by predict, taken by default
     for section in ("normality_included", "anomalies_only"):
         for key in ("auroc", "aupr", "fpr95", "recall", "voxels", "anomaly_voxels"):
             assert ep[section][key] == pytest.approx(ev[section][key], abs=1e-7), (section, key)

@@ -59,6 +59,21 @@ def frame_size(ref: FrameRef):
         return None
 
 
+def recorded_threshold(pred_dir: Path) -> float:
+    """The calibrated threshold `predict` wrote into pred_dir/predict.json, or 0.5."""
+    from sparse_ad.export import MANIFEST
+
+    path = Path(pred_dir) / MANIFEST
+    if not path.exists():
+        return 0.5
+    try:
+        value = float(json.loads(path.read_text())["threshold"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SparseADError(f"{path}: unreadable threshold ({type(e).__name__}: {e}); pass --threshold") from None
+    print(f"threshold {value:.6g}: the checkpoint's calibrated one, from {path}")
+    return value
+
+
 def lidar_hits_anomaly(ref: FrameRef, gt: GroundTruth, cfg: Config, grid: VoxelGrid, lut: np.ndarray) -> bool | None:
     """Whether the frame's own LiDAR sweep (`data.sensor`, every sensor of that type) hits a
     ground-truth anomaly voxel: the protocol's "anomalies only" frames. It decides that for
@@ -77,18 +92,22 @@ def lidar_hits_anomaly(ref: FrameRef, gt: GroundTruth, cfg: Config, grid: VoxelG
     return bool((point_targets(points, gt.keys, gt.tags, grid, lut) == ANOMALY).any())
 
 
-def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, threshold: float = 0.5,
+def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, threshold: float | None = None,
                          progress: bool = True, histogram_bins: int = 0) -> dict:
     """Score a prediction folder against a split; writes and returns the metrics JSON.
 
-    Exact by default (memory: 4 bytes per scored voxel); `histogram_bins` > 0 bins scores
-    over [0, 1] instead, for flat memory on very large splits (then approximate)."""
+    threshold: for recall/precision/F1; default the calibrated one `predict` recorded in the
+    folder's predict.json, else 0.5 (another method's files). Exact by default (memory: 4
+    bytes per scored voxel); `histogram_bins` > 0 bins scores over [0, 1] instead, for flat
+    memory on very large splits (then approximate)."""
     from sparse_ad.io import progress_bar
 
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise SparseADError(f"{pred_dir}: prediction folder not found; it must mirror the split as "
                             "Scenario_<id>/VOXEL_GRID_<frame>.npy")
+    if threshold is None:
+        threshold = recorded_threshold(pred_dir)
     grid = cfg.grid.build()
     lut = target_table(cfg.labels.anomaly_tags, cfg.labels.ignore_tags)
     split = open_split(data, sensor_type=None, need_gt=True)
@@ -262,7 +281,7 @@ def format_metrics(result: dict) -> str:
             cells.append(f"{'n/a':>15}" if v is None or (isinstance(v, float) and np.isnan(v))
                          else f"{v:>15.4f}" if isinstance(v, float) else f"{v:>15}")
         lines.append(f"{name:<20}" + "".join(cells))
-    lines.append(f"threshold {result['threshold']:.4f} | frames {result['frames']} "
+    lines.append(f"threshold {result['threshold']:.6g} | frames {result['frames']} "
                  f"({result['anomaly_frames']} with anomalies)")
     if result.get("by_size_unknown_frames"):
         lines.append(f"by size: {result['by_size_unknown_frames']} anomaly frame(s) left out, their ANOMALY csv has "
