@@ -187,6 +187,23 @@ def test_predict_then_eval_preds_equals_eval(trained, tmp_path, monkeypatch):
     np.testing.assert_allclose(gemm[:, 3], rows[:, 3], atol=1e-5)
 
 
+def test_eval_on_another_split_warns_that_only_its_held_out_share_is_scored(trained, tmp_path):
+    import shutil
+
+    cfg, run, _ = trained
+    other = tmp_path / "test_split"
+    shutil.copytree(cfg.data.root, other)
+    with pytest.warns(UserWarning, match=r"is not the split .* only its held-out scenarios are scored \(6 of 12 "
+                                         r"frames.*pass --all-frames"):
+        evaluate_checkpoint(run / "best.pt", tmp_path / "e", data=other, progress=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate_checkpoint(run / "best.pt", tmp_path / "a", data=other, all_frames=True, progress=False)
+        evaluate_checkpoint(run / "best.pt", tmp_path / "s", data=cfg.data.root, progress=False)
+
+
 def test_predict_resumes_only_with_the_settings_it_started_with(trained, tmp_path):
     import shutil
 
