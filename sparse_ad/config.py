@@ -335,14 +335,18 @@ trains: a resumed run, or a study reusing a finished one, may change them."""
 
 def changed_settings(saved: dict, cfg: Config, ignore=RUNTIME_KEYS) -> str:
     """'key=old (now new), ...' for the settings of a saved config (a run's config.yaml or a
-    checkpoint's) that `cfg` changes, outside `ignore`; '' when none."""
+    checkpoint's) that `cfg` changes, outside `ignore`; '' when none. A setting the saved
+    config lacks (it predates it) counts as changed when `cfg` moves it off its default:
+    the old run behaved as the default (new settings keep the old behaviour there) at best."""
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
         for k, v in d.items():
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
         return out
 
-    old, now = flat(saved), flat(config_to_dict(cfg))
+    old, now, default = flat(saved), flat(config_to_dict(cfg)), flat(config_to_dict(Config()))
+    for k in now.keys() - old.keys():
+        old[k] = default.get(k, now[k])
     keys = sorted(k for k in old.keys() & now.keys() if old[k] != now[k] and k not in ignore)
     return ", ".join(f"{k}={old[k]!r} (now {now[k]!r})" for k in keys[:4]) + (" ..." if len(keys) > 4 else "")
 

@@ -61,6 +61,9 @@ def run_study(args) -> dict:
     if base.data.root:
         raise ConfigError(f"{args.config}: data.root is set; a quality study trains on synthetic splits "
                           "(override data.root= to use them)")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ConfigError(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed; a repeat is the same run "
+                          "counted twice in the mean ± std")
     if args.test_seed in args.seeds:
         raise ConfigError(f"--test-seed {args.test_seed} is also a training seed; pick one outside --seeds")
     baseline = _load_baseline(args.baseline) if args.baseline else None   # before hours of training
@@ -89,11 +92,15 @@ def run_study(args) -> dict:
 def _load_baseline(path: Path) -> dict:
     file = path / "study.json" if path.is_dir() else path
     try:
-        return json.loads(file.read_text())
+        baseline = json.loads(file.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{file}: no study here; point --baseline at an earlier study's --out directory") from None
-    except json.JSONDecodeError:
-        raise ConfigError(f"{file}: not a study.json (invalid JSON); rerun that study to rewrite it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        raise ConfigError(f"{file}: not a study.json (unreadable JSON); rerun that study to rewrite it") from None
+    if not isinstance(baseline, dict) or not isinstance(baseline.get("runs"), list) or "test_split" not in baseline:
+        raise ConfigError(f"{file}: not a study.json (no runs / test_split); point --baseline at an earlier "
+                          "study's --out directory")
+    return baseline
 
 
 def compare(result: dict, baseline: dict, name: str = "baseline") -> dict:
@@ -118,7 +125,9 @@ def compare(result: dict, baseline: dict, name: str = "baseline") -> dict:
 
 def _check_same_splits(result: dict, baseline: dict, name: str) -> None:
     """Paired differences mean something only on the same training and test splits."""
-    if result["test_split"] != baseline.get("test_split"):
+    # the split's folder name encodes what made it (scenarios, frames, shares, seed); the cache
+    # around it may move (another SPARSE_AD_CACHE)
+    if Path(result["test_split"]).name != Path(baseline.get("test_split") or "").name:
         raise ConfigError(f"{name} scored another test split ({baseline.get('test_split')} vs "
                           f"{result['test_split']}); compare studies with the same test seed and split size")
     ours, theirs = ({k: (d.get("resolved_config") or {}).get("data", {}).get(k, SPLIT_DEFAULTS.get(k))
@@ -158,7 +167,13 @@ def _one_seed(base, seed: int, test_root: Path, run_dir: Path) -> dict:
     done = run_dir / "study_row.json"
     cfg = _seeded(base, seed)
     if done.exists():
-        row = json.loads(done.read_text())
+        try:
+            row = json.loads(done.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            row = None
+        if not isinstance(row, dict) or not {"held_out", "test", "seed"} <= row.keys():
+            raise ConfigError(f"{done}: unreadable; delete it to score the seed's finished run again (training "
+                              "is not repeated)")
         _check_reusable(row, cfg, test_root, run_dir)
         return _refresh(row, run_dir)
     start = time.monotonic()
@@ -181,7 +196,11 @@ def _check_reusable(row: dict, cfg, test_root: Path, run_dir: Path) -> None:
     runtime settings aside) and was tested on the same split: otherwise the study would report,
     and pair with a baseline, numbers of another recipe under this one's name."""
     saved = run_dir / "config.yaml"
-    changed = changed_settings(yaml.safe_load(saved.read_text()) or {}, cfg) if saved.exists() else ""
+    try:
+        changed = changed_settings(yaml.safe_load(saved.read_text()) or {}, cfg)
+    except (OSError, yaml.YAMLError, AttributeError):   # missing, unreadable, or not a mapping
+        raise ConfigError(f"{saved}: missing or unreadable, so what this finished seed trained is unknown; use "
+                          "another --out, or delete that folder to train it again") from None
     # the split's folder name encodes what made it (scenarios, frames, shares, seed); the cache
     # around it may move
     if Path(row.get("test_split", str(test_root))).name != test_root.name:

@@ -59,6 +59,25 @@ def test_study_trains_each_seed_scores_both_splits_and_reuses_finished_seeds(tmp
     with pytest.raises(ConfigError, match=r"seed0: .*test split .*seed9 \(now .*seed8\); use another --out"):
         run_study(add_study_args(argparse.ArgumentParser()).parse_args(
             ["--seeds", "0", "--test-seed", "8", "--out", str(tmp_path / "study"), *SMALL]))
+    # a run from before a setting existed: its default is what it trained with
+    saved = tmp_path / "study" / "seed0" / "config.yaml"
+    saved.write_text(saved.read_text().replace("  supervision: voxel\n", ""))
+    assert run_study(_args(tmp_path))["runs"] == result["runs"]
+    with pytest.raises(ConfigError, match=r"trained with loss.supervision='voxel' \(now 'mil'\)"):
+        run_study(_args(tmp_path, "loss.supervision=mil"))
+    saved.unlink()
+    with pytest.raises(ConfigError, match=r"seed0/config.yaml: missing or unreadable"):
+        run_study(_args(tmp_path))
+    row_file.write_text('{"seed": 1, "held')
+    with pytest.raises(ConfigError, match=r"seed1/study_row.json: unreadable; delete it"):
+        run_study(add_study_args(argparse.ArgumentParser()).parse_args(
+            ["--seeds", "1", "--test-seed", "9", "--out", str(tmp_path / "study"), *SMALL]))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"list.json: not a study.json"):
+        run_study(_args(tmp_path, "--baseline", str(tmp_path / "list.json")))
+    with pytest.raises(ConfigError, match=r"--seeds 0 0 repeats a seed"):
+        run_study(add_study_args(argparse.ArgumentParser()).parse_args(
+            ["--seeds", "0", "0", "--test-seed", "9", *SMALL]))
 
 
 def test_study_refuses_a_test_seed_it_trains_on_and_real_data(tmp_path):
