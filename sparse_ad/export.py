@@ -29,6 +29,21 @@ def prediction_rows(coords: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return rows
 
 
+def split_fingerprint(split, sensor: str) -> str:
+    """A hash of the split's point files (path inside the split, size, modification time): a
+    split regenerated in place keeps its scenario and frame ids, so the file names alone
+    would let a resumed `predict` keep predictions of the old point clouds."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for ref in split.frames:
+        for sensor_ in ref.scenario.sensors_of(sensor):
+            path = sensor_.file(ref.frame)
+            st = path.stat()
+            h.update(f"{path.relative_to(split.root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 @naming_dead_workers()
 def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, device: str = "auto",
                   progress: bool = True, scoring=None) -> int:
@@ -46,7 +61,8 @@ def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, de
     claim_folder(out, MANIFEST, {"checkpoint_sha256": file_sha256(checkpoint), "views": cfg.model.test_views,
                                  "engine": scoring.engine_on(dev),
                                  "precision": "fp16" if dev.type == "cuda" else "fp32",
-                                 "threshold": float(ck.get("threshold", 0.5))},   # eval-preds' default
+                                 "threshold": float(ck.get("threshold", 0.5)),   # eval-preds' default
+                                 "split": split_fingerprint(split, cfg.data.sensor)},
                  "prediction files", has_output=any(out.glob("Scenario_*/VOXEL_GRID_*.npy")))
     todo = [r for r in split.frames if not prediction_file(out, r).exists()]
     written = 0

@@ -1,6 +1,7 @@
 """End-to-end on the tiny hand-written split: train → resume → predict → eval / eval-preds."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,6 +226,12 @@ def test_predict_resumes_only_with_the_settings_it_started_with(trained, tmp_pat
         f.write(b"\0")                                               # another file (torch ignores the tail)
     with pytest.raises(ConfigError, match="checkpoint_sha256"):
         predict_split(other, cfg.data.root, preds, progress=False)
+    import os
+
+    lidar = sorted(Path(cfg.data.root).glob("Scenario_*/LIDAR*/*.npy"))[0]
+    os.utime(lidar, ns=(lidar.stat().st_atime_ns, lidar.stat().st_mtime_ns + 10**9))   # rewritten in place
+    with pytest.raises(ConfigError, match=r"other settings: split "):
+        predict_split(run / "best.pt", cfg.data.root, preds, progress=False)
     (preds / "predict.json").unlink()                                 # files of unknown origin
     with pytest.raises(ConfigError, match="holds prediction files but no predict.json"):
         predict_split(run / "best.pt", cfg.data.root, preds, progress=False)

@@ -140,6 +140,7 @@ def main(argv=None) -> int:
     from sparse_ad.engine.checkpoint import load
     from sparse_ad.export import predict_split
 
+    replan(a.split)   # a split it cannot analyse is refused before any prediction is made
     results = []
     for ck in a.checkpoint:
         pred_dir = a.out.parent / f"{a.out.stem}_preds" / str(ck.with_suffix("")).strip("/").replace("/", "_")
