@@ -28,8 +28,10 @@ def _sub(subs, name: str, help_: str, example: str) -> argparse.ArgumentParser:
                            formatter_class=_Formatter)
 
 
-def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--config", required=required, help="YAML config (see configs/)")
+def _add_config_args(p: argparse.ArgumentParser, required: bool = False, default: str | None = None) -> None:
+    p.add_argument("--config", required=required, default=default,
+                   help="YAML config (see configs/; a path under configs/ is found from any folder)"
+                        + (f"; default {default}" if default else ""))
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 
@@ -137,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(subs, "demo", "synthetic split → train → evaluate → plots, on CPU in minutes",
              "sparse-ad demo --config configs/demo.yaml --run-dir runs/demo")
-    _add_config_args(p)
+    _add_config_args(p, default="configs/demo.yaml")
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
     return parser
 

@@ -245,11 +245,23 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+"""The checkout this package runs from (its `configs/` hold the shipped recipes)."""
+
+
+def _located(path: Path) -> Path:
+    """`path`, or, when it is a relative path missing here, the same path in the checkout
+    (`configs/demo.yaml` from any folder)."""
+    if path.exists() or path.is_absolute() or not (REPO_ROOT / path).exists():
+        return path
+    return REPO_ROOT / path
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
     """Defaults ← YAML file (which may name a `base:` file to start from) ← `key=value`s."""
     tree: dict = {}
     if path:
-        tree = _read_yaml(Path(path))
+        tree = _read_yaml(_located(Path(path)))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.epochs=5)")

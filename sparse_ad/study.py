@@ -46,7 +46,7 @@ SPLIT_DEFAULTS = {"synth_braking_share": 0.0, "max_frames": 0}
 
 
 def add_study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--config", default="configs/demo.yaml", help="the recipe (default %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="data.synth_seed of each training split")
     p.add_argument("--test-seed", type=int, default=100, help="synth seed of the independent test split")
     p.add_argument("--out", type=Path, default=Path("runs/study"))

@@ -136,3 +136,14 @@ def test_an_unwritable_run_dir_is_a_one_line_error(tmp_path, capsys):
     rc = main(["train", "--config", "configs/demo.yaml", "--run-dir", str(tmp_path / "file" / "run")])
     err = capsys.readouterr().err
     assert rc == 1 and "cannot create the run directory" in err and "Traceback" not in err
+
+
+def test_shipped_configs_are_found_from_any_folder_and_demo_defaults_to_its_own(tmp_path, monkeypatch):
+    from sparse_ad.cli import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/demo.yaml").model.channels == (16, 32, 64, 128)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text("train: {epochs: 2}\n")   # a local file wins
+    assert load_config("configs/demo.yaml").train.epochs == 2
+    assert build_parser().parse_args(["demo"]).config == "configs/demo.yaml"
