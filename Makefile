@@ -7,7 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 # spconv flavour extra: cu120 (default), cu126, or cpu.
 SPCONV   ?= cu120
 PY       := $(VENV)/bin/python
-STAMP    := $(VENV)/.installed-$(SPCONV)
+# the stamp names the torch and spconv picks: another TORCH_SPEC or SPCONV installs again
+STAMP    := $(VENV)/.installed-$(SPCONV)-$(subst =,,$(subst <,,$(subst >,,$(TORCH_SPEC))))
 
 .PHONY: install test lint demo clean
 
