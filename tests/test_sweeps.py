@@ -164,6 +164,9 @@ def test_several_lidars_are_refused(tiny_split):
     sc.sensors.append(sc.sensors_of("LIDAR")[0])
     with pytest.raises(SparseADError, match=r"exactly one LIDAR per scenario .*found 2; set data.sweeps=1"):
         stacked_grid_points(FrameRef(sc, sc.frames[1]), "LIDAR", 2, ANOVOX)
+    cfg = load_config(None, [f"data.root={tiny_split}", "data.sweeps=2", "model.in_channels=7"])
+    with pytest.raises(ConfigError, match=r"exactly one LIDAR per scenario .*found 2"):   # before any frame loads
+        FrameDataset([FrameRef(sc, f) for f in sc.frames], cfg, train=True)
 
 
 def test_check_alignment_says_whether_the_poses_register(moving, tmp_path):

@@ -22,7 +22,7 @@ from sparse_ad.data.anovox import FrameRef, load_frame
 from sparse_ad.data.in_flight import InFlight
 from sparse_ad.data.labels import ANOMALY, GroundTruth, target_table
 from sparse_ad.data.per_point import add_xyz, finite_rows, point_targets, rotate_flip_scale
-from sparse_ad.data.sweeps import check_sweeps, stacked_grid_points
+from sparse_ad.data.sweeps import check_mono, check_sweeps, stacked_grid_points
 from sparse_ad.errors import ConfigError, SparseADError
 
 
@@ -64,6 +64,9 @@ class FrameDataset:
                               "label; set data.sensor=LIDAR")
         check_sweeps(cfg.data.sweeps)
         check_input_channels(cfg.model.in_channels, cfg.data.sweeps)
+        if cfg.data.sweeps > 1:   # a stereo split: a setting that cannot work, not broken frames
+            for scenario in {id(r.scenario): r.scenario for r in frames}.values():
+                check_mono(scenario, cfg.data.sensor)
         self.frames = frames
         self.cfg = cfg
         self.grid = cfg.grid.build()

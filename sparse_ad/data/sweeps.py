@@ -40,6 +40,14 @@ def check_sweeps(sweeps: int) -> None:
         raise ConfigError(f"data.sweeps: expected 1..{MAX_SWEEPS} (1 = the current sweep only), found {sweeps}")
 
 
+def check_mono(scenario: Scenario, sensor_type: str) -> None:
+    """Several sweeps register by ACTION's one pose per frame, which belongs to one sensor set."""
+    found = len(scenario.sensors_of(sensor_type))
+    if found != 1:
+        raise ConfigError(f"{scenario.path}: data.sweeps > 1 needs exactly one {sensor_type} per scenario "
+                          f"(a mono split), found {found}; set data.sweeps=1")
+
+
 def earlier_frames(ref: FrameRef, count: int) -> list[int]:
     """The `count` frames before `ref` in its scenario that have points and a pose
     (`Scenario.sweep_frames`), nearest first (fewer at the start)."""
@@ -80,10 +88,7 @@ def stacked_grid_points(ref: FrameRef, sensor_type: str, sweeps: int, variant: d
     """Grid-frame points of the current sweep and up to `sweeps - 1` earlier ones:
     (N, 5) float64 = x, y, z, 4th column, lag. `current`: the already loaded current Frame."""
     check_sweeps(sweeps)
-    sensors = ref.scenario.sensors_of(sensor_type)
-    if len(sensors) != 1:
-        raise SparseADError(f"{ref.scenario.path}: data.sweeps > 1 needs exactly one {sensor_type} per scenario "
-                            f"(a mono split), found {len(sensors)}; set data.sweeps=1")
+    check_mono(ref.scenario, sensor_type)
     frame = current if current is not None else load_frame(ref, sensor_type, with_gt=False)
     sensor, points = frame.points[0]
     to_grid = sensor.transform(**variant)
