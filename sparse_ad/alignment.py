@@ -70,12 +70,13 @@ class CandidateResult:
         return self.agreeing_voxels / max(self.shared_voxels, 1)
 
     def overrides(self) -> str:
-        """The `key=value` overrides that select this transform."""
-        default = TransformConfig()
-        diff = [f"transform.{f.name}={getattr(self.transform, f.name)}"
-                for f in dataclasses.fields(TransformConfig)
-                if getattr(self.transform, f.name) != getattr(default, f.name)]
-        return " ".join(diff) or "(the defaults)"
+        """The `key=value` overrides that select this transform, every field of it: the user's
+        config may differ from the defaults in fields this candidate leaves at theirs."""
+        def text(v):
+            return str(v).lower() if isinstance(v, bool) else repr(v)
+
+        return " ".join(f"transform.{f.name}={text(getattr(self.transform, f.name))}"
+                        for f in dataclasses.fields(TransformConfig))
 
 
 def candidates(configured: TransformConfig) -> list[tuple[str, TransformConfig]]:

@@ -83,6 +83,10 @@ def test_check_alignment_names_the_fix_when_misconfigured(tiny_split, capsys):
     out = capsys.readouterr().out
     assert rc == 1
     assert "MISALIGNED" in out and "anovox default" in out
+    # the printed fix works on top of the misconfigured command (every transform field is named)
+    fix = out.split("select it with: ")[1].split("\n")[0].split()
+    assert fix == ["transform.location_sign=-1.0", "transform.negate_rotation=true", "transform.flip_y=false"]
+    assert main(["check-alignment", str(tiny_split), "--frames", "2", "transform.location_sign=0", *fix]) == 0
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
