@@ -20,7 +20,14 @@ from sparse_ad.errors import ConfigError, SparseADError
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Shows an option's default, unless its help already says it or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False \
+                or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 def _sub(subs, name: str, help_: str, example: str) -> argparse.ArgumentParser:
