@@ -190,11 +190,17 @@ def test_train_predict_and_eval_with_three_sweeps(tiny_split, tmp_path, monkeypa
                                             "train.epochs=1", "data.num_workers=0", "model.channels=[8,16]",
                                             "train.batch_size=2", "data.val_fraction=0.5", "model.test_views=1"])
     train(cfg, tmp_path / "run")
+    # the last frame of an anomaly scenario: its own sweep misses the object, its earlier ones
+    # (same place: identity poses) do not — "anomalies only" goes by the current sweep alone
+    lidar = sorted(next(tiny_split.glob("Scenario_*/LIDAR*")).glob("*.npy"))[-1]
+    pts = np.load(lidar)
+    np.save(lidar, pts[~((np.abs(pts[:, 0] - 8.75) < 1.5) & (np.abs(pts[:, 1]) < 1.5))])
     ev = evaluate_checkpoint(tmp_path / "run" / "best.pt", tmp_path / "eval", all_frames=True, progress=False)
     assert ev["frames"] == 12 and ev["anomalies_only"]["anomaly_voxels"] > 0
     assert predict_split(tmp_path / "run" / "best.pt", tiny_split, tmp_path / "preds", progress=False) == 12
     ep = evaluate_predictions(tmp_path / "preds", tiny_split, tmp_path / "ep.json", cfg, threshold=ev["threshold"],
                               progress=False)
+    assert ep["anomaly_frames"] == ev["anomaly_frames"] == 5
     assert ep["anomalies_only"]["aupr"] == pytest.approx(ev["anomalies_only"]["aupr"], abs=1e-7)
 
 

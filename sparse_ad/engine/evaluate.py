@@ -249,7 +249,11 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, a
     for ref, keys, _, scores in predict_frames(model, cfg, refs, dev, progress, desc="eval"):
         gt_file = ref.scenario.voxel_grid_file(ref.frame)
         gt = GroundTruth.from_rows(load_voxel_grid(gt_file), grid, str(gt_file))
-        acc.add_frame(*scored_voxels(keys, scores, gt, lut), size=frame_size(ref), name=ref.name)
+        # with earlier sweeps the scored voxels are more than the current sweep's, which alone
+        # decides "anomalies only" (as in eval-preds); with one sweep they are the same thing
+        seen = lidar_hits_anomaly(ref, gt, cfg, grid, lut) if cfg.data.sweeps > 1 else None
+        acc.add_frame(*scored_voxels(keys, scores, gt, lut), size=frame_size(ref), name=ref.name,
+                      anomaly_frame=seen)
     threshold = float(ck.get("threshold", 0.5))
     result = acc.result(threshold)
     result.update({"checkpoint": str(checkpoint), "epoch": ck.get("epoch"),
