@@ -84,19 +84,21 @@ def validate(cfg, rt, model, epoch: int) -> dict | None:
         for b, index in enumerate(batch.indices):
             rows = slice(vb.offsets[b], vb.offsets[b + 1])
             keep = valid[rows]
-            scored = (scores[rows][keep], targets[rows][keep])
+            # "anomalies only": the current sweep hits an anomaly voxel (earlier sweeps' points may
+            # land on one it misses), as eval and eval-preds decide it
+            scored = (scores[rows][keep], targets[rows][keep], batch.lidar_sees_anomaly[b])
             if rt.distributed:
                 frames.append((index, *scored, vb.names[b]))
             else:
-                acc.add_frame(*scored, name=vb.names[b])
+                acc.add_frame(*scored[:2], name=vb.names[b], anomaly_frame=scored[2])
     model.train()
     if rt.distributed:
         shares = [None] * rt.world_size if rt.is_main else None
         torch.distributed.gather_object(frames, shares, dst=0)
         if not rt.is_main:
             return None
-        for _, scores, targets, name in sorted((f for share in shares for f in share), key=lambda f: f[0]):
-            acc.add_frame(scores, targets, name=name)
+        for _, scores, targets, seen, name in sorted((f for share in shares for f in share), key=lambda f: f[0]):
+            acc.add_frame(scores, targets, name=name, anomaly_frame=seen)
     threshold = acc.all.best_f1_threshold()
     metrics = acc.result(threshold)
     metrics["objects"].pop("worst", None)   # per-epoch history keeps the counts, not the list
