@@ -280,6 +280,30 @@ def test_the_time_budget_counts_across_resumes(tiny_split, tmp_path, monkeypatch
     assert [h["epoch"] for h in _history(tmp_path / "run")] == [1, 2, 3]
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["minutes"] > 0
 
+    # an epoch stopped part-way (and past the budget by then) is finished on resume, not dropped
+    from sparse_ad.engine import train as train_mod
+
+    class StopAtStepOne:
+        reads, signum = 0, None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        @property
+        def set(self):
+            StopAtStepOne.reads += 1
+            return StopAtStepOne.reads >= 2
+
+    cfg = load_config("configs/demo.yaml", [*over, "train.max_minutes=0.0001"])
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "_StopFlag", StopAtStepOne)
+        assert train(cfg, tmp_path / "stopped")["stopped"]
+    train(cfg, tmp_path / "stopped")
+    assert [h["epoch"] for h in _history(tmp_path / "stopped")] == [1] and (tmp_path / "stopped" / "best.pt").exists()
+
 
 def test_non_finite_loss_stops_with_step_frames_and_hint(tiny_split, tmp_path, monkeypatch):
     from sparse_ad.engine import checkpoint as ck_mod

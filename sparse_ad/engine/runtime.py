@@ -7,7 +7,6 @@ pools them, logs and writes files.
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import os
 import random
@@ -146,13 +145,25 @@ def resolve_data_root(cfg: Config) -> Path:
         raise SparseADError(f"{cache}: cannot write the synthetic split's cache there ({e.strerror or e}); set "
                             "SPARSE_AD_CACHE to a writable folder, or data.root to a split") from None
     with lock:   # another process writing the same split (two studies side by side): wait for it
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        _lock_exclusively(lock)
         if not done.exists():
             print(f"no data.root configured: writing a synthetic AnoVox-layout split to {root}")
             write_split(root, scenarios=d.synth_scenarios, frames=d.synth_frames, seed=d.synth_seed,
                         anomaly_share=d.synth_anomaly_share, braking_share=d.synth_braking_share)
             atomic_write_text(done, "ok\n")
     return root
+
+
+def _lock_exclusively(f) -> None:
+    """An exclusive lock on an open file, held until it is closed; where the platform or the
+    filesystem has none (Windows, some network mounts), runs unlocked with a warning."""
+    try:
+        import fcntl
+
+        fcntl.flock(f, fcntl.LOCK_EX)
+    except (ImportError, OSError) as e:
+        warnings.warn(f"{f.name}: cannot lock it ({e}); do not start two runs that write this synthetic split "
+                      "at once", stacklevel=3)
 
 
 def _write_synthetic_split_once(cfg: Config, rank: int) -> None:

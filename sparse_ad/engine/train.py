@@ -40,7 +40,7 @@ from sparse_ad.io import atomic_write_text
 class StepStats:
     loss: float = 0.0
     steps: int = 0
-    skipped_steps: int = 0     # non-finite loss or gradients (AMP) — not trained on
+    skipped_steps: int = 0     # not trained on: non-finite loss or gradients (AMP), or no voxel in the batch
     skipped_frames: int = 0    # frames that failed to load
     parts: dict[str, float] = field(default_factory=dict)   # summed loss terms, when there are several
 
@@ -116,7 +116,9 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
     with _StopFlag() as stop:
         for epoch in range(state.epoch, cfg.train.epochs):
             state.minutes = (time.monotonic() - start) / 60
-            over = bool(cfg.train.max_minutes) and state.minutes > cfg.train.max_minutes
+            # an epoch a stop interrupted is finished first (it began within the budget); the
+            # step counts are the same on every rank
+            over = bool(cfg.train.max_minutes) and state.minutes > cfg.train.max_minutes and not state.step_in_epoch
             if rt.any_rank(over)[0]:   # every rank's clock: they must stop before the same epoch
                 _log(rt, f"time budget of {cfg.train.max_minutes} min reached after epoch {epoch}")
                 break
@@ -171,7 +173,7 @@ def _train_one(cfg, rt, state, sched, batch, vb, stats, writer, bar, skip: bool)
     stats.skipped_frames += len(batch.skipped)
     rt.note_batch(batch)
     if skip:   # nothing to learn from, here or (DDP) on another rank: all ranks skip the step
-        stats.skipped_steps += int(vb is not None and len(vb.features) == 0)   # loaded, but no voxel
+        stats.skipped_steps += int(len(batch) > 0)   # loaded, but no voxel here or on another rank
         return
     loss, parts = _step(cfg, rt, state, vb)
     if loss is None:
