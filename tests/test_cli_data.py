@@ -120,8 +120,9 @@ def test_output_paths_numbers_and_tools_fail_in_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(["eval-preds", "--pred-dir", "p", "--data", "d", "--out", "m.json", "--threshold", bad])
         assert e.value.code == 2 and "--threshold: expected a finite number" in capsys.readouterr().err
-    assert lead_vans(["--split", str(tmp_path), "--checkpoint", str(tmp_path / "none.pt")]) == 1
-    assert capsys.readouterr().err.strip().startswith("lead_vans: error: ")
+    assert lead_vans(["--split", str(tmp_path), "--checkpoint", str(tmp_path / "none.pt")]) == 2   # not a synth split
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lead_vans: error: ") and "synth" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("cmd", ["synth", "voxelize-gt", "check-alignment", "train", "eval", "eval-preds",
