@@ -7,8 +7,9 @@ TORCH_SPEC ?= torch==2.13.0
 # spconv flavour extra: cu120 (default), cu126, or cpu.
 SPCONV   ?= cu120
 PY       := $(VENV)/bin/python
-# the stamp names the torch and spconv picks: another TORCH_SPEC or SPCONV installs again
-STAMP    := $(VENV)/.installed-$(SPCONV)-$(subst =,,$(subst <,,$(subst >,,$(TORCH_SPEC))))
+# the stamp names the spconv flavour; torch is installed once (another TORCH_SPEC later: `make
+# clean` first, or `$(VENV)/bin/pip install` it), so a plain `make test` never replaces a CUDA pick
+STAMP    := $(VENV)/.installed-$(SPCONV)
 
 .PHONY: install test lint demo clean
 
