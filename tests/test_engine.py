@@ -320,7 +320,9 @@ def test_eval_preds_anomaly_frames_are_the_ones_the_lidar_sees_whatever_a_method
         res = evaluate_predictions(tmp_path / "p", tiny_split, tmp_path / "m.json", cfg, progress=False)
     assert res["frames"] == 3 and res["anomaly_frames"] == 2 and res["anomaly_frames_without_lidar"] == 1
     assert res["anomalies_only"]["voxels"] == sizes[b.name] + sizes[c.name]   # b by its LiDAR, c by its prediction
-    assert res["objects"]["objects"] == 1                                     # only c has object voxels scored
+    ob = res["objects"]   # b's object counts, as missed: the method predicted none of its voxels
+    assert (ob["objects"], ob["detected"], ob["median_above_99pct_of_normals"]) == (2, 1, 1)
+    assert ob["worst"][0]["frame"] == b.name and ob["worst"][0]["voxels"] == 0
 
 
 def test_eval_preds_keeps_float64_scores(tiny_split, tmp_path):

@@ -104,11 +104,10 @@ class ProtocolAccumulator:
                 if bucket not in self.by_size:
                     self.by_size[bucket] = self._new()
                 self.by_size[bucket].update(scores, labels)
-            hit = scores[labels]
-            if len(hit) == 0:   # the prediction holds none of the object's voxels: no score to list
-                return
+            hit = scores[labels]   # empty when a method predicts none of the object's voxels: missed
             self.objects.append({"frame": name or f"#{self.frames - 1}", "size": bucket, "voxels": int(len(hit)),
-                                 "median_score": float(np.median(hit)), "max_score": float(hit.max())})
+                                 "median_score": float(np.median(hit)) if len(hit) else None,
+                                 "max_score": float(hit.max()) if len(hit) else None})
 
     def result(self, threshold: float) -> dict:
         out = {"frames": self.frames, "anomaly_frames": self.anomaly_frames, "threshold": threshold,
@@ -128,9 +127,9 @@ def object_summary(objects: list[dict], pool: ScoreAccumulator, threshold: float
     fraction of normal voxels scoring at least their median (each with that fraction)."""
     if not objects:
         return {"objects": 0}
-    median = np.array([o["median_score"] for o in objects])
-    peak = np.array([o["max_score"] for o in objects])
-    above = pool.normal_fraction_ge(median)
+    median = np.array([-np.inf if o["median_score"] is None else o["median_score"] for o in objects])
+    peak = np.array([-np.inf if o["max_score"] is None else o["max_score"] for o in objects])
+    above = np.where(np.isfinite(median), pool.normal_fraction_ge(median), 1.0)   # a missed object: all above
     order = np.argsort(-above, kind="stable")[:worst]
     return {"objects": len(objects), "detected": int((peak >= threshold).sum()),
             "median_detected": int((median >= threshold).sum()),
