@@ -3,14 +3,15 @@
 Layout mirrors the split: `OUT/Scenario_<id>/VOXEL_GRID_<frame>.npy` with rows
 (ix, iy, iz, score) on the AnoVox grid, so AnoVox's tools and `sparse-ad eval-preds` can
 score them. Files are written atomically and existing ones are kept, so an interrupted
-run resumes where it stopped — with the same checkpoint, view count, engine and precision
-only, which `OUT/predict.json` records (a rerun with others is refused rather than mixing
-two models' files in one folder), beside the checkpoint's calibrated threshold, which
-`eval-preds` then scores at by default.
+run resumes where it stopped — with the same checkpoint, view count, engine, precision and
+split files only, which `OUT/predict.json` records (a rerun with others is refused rather
+than mixing two models' files in one folder), beside what `eval-preds` then scores with by
+default: the checkpoint's calibrated threshold, transform and sensor.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,8 @@ def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, de
                                  "engine": scoring.engine_on(dev),
                                  "precision": "fp16" if dev.type == "cuda" else "fp32",
                                  "threshold": float(ck.get("threshold", 0.5)),   # eval-preds' default
-                                 "split": split_fingerprint(split, cfg.data.sensor)},
+                                 "split": split_fingerprint(split, cfg.data.sensor),
+                                 "transform": asdict(cfg.transform), "sensor": cfg.data.sensor},
                  "prediction files", has_output=any(out.glob("Scenario_*/VOXEL_GRID_*.npy")))
     todo = [r for r in split.frames if not prediction_file(out, r).exists()]
     written = 0

@@ -316,13 +316,24 @@ def test_eval_preds_anomaly_frames_are_the_ones_the_lidar_sees_whatever_a_method
         path = prediction_file(tmp_path / "p", ref)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, np.c_[gt[:, :3], gt[:, 3] == 29].astype(np.float32))   # every GT voxel of a and c
-    with pytest.warns(UserWarning, match="1 scored frame.* have no LIDAR file"):
+    with pytest.warns(UserWarning, match="1 scored frame.* have no readable LIDAR file"):
         res = evaluate_predictions(tmp_path / "p", tiny_split, tmp_path / "m.json", cfg, progress=False)
-    assert res["frames"] == 3 and res["anomaly_frames"] == 2 and res["anomaly_frames_without_lidar"] == 1
+    assert res["frames"] == 3 and res["anomaly_frames"] == 2 and res["frames_without_lidar"] == 1
     assert res["anomalies_only"]["voxels"] == sizes[b.name] + sizes[c.name]   # b by its LiDAR, c by its prediction
     ob = res["objects"]   # b's object counts, as missed: the method predicted none of its voxels
     assert (ob["objects"], ob["detected"], ob["median_above_99pct_of_normals"]) == (2, 1, 1)
     assert ob["worst"][0]["frame"] == b.name and ob["worst"][0]["voxels"] == 0
+    # the LiDAR is read as predict.json says the model read it: a wrong transform misses both objects
+    (tmp_path / "p" / "predict.json").write_text(json.dumps({"threshold": 0.5, "sensor": "LIDAR", "transform": {
+        "location_sign": 1.0, "negate_rotation": True, "flip_y": False}}))
+    with pytest.warns(UserWarning):
+        moved = evaluate_predictions(tmp_path / "p", tiny_split, tmp_path / "m2.json", cfg, progress=False)
+    assert moved["anomaly_frames"] == 1   # c alone, by its prediction
+    (tmp_path / "p" / "predict.json").unlink()
+    lidar.write_bytes(lidar.read_bytes()[:100])   # a broken LiDAR file: warned, decided by the prediction
+    with pytest.warns(UserWarning, match="not a readable .npy file .*decided by its prediction"):
+        broken = evaluate_predictions(tmp_path / "p", tiny_split, tmp_path / "m3.json", cfg, progress=False)
+    assert broken["anomaly_frames"] == 3 and broken["frames_without_lidar"] == 2
 
 
 def test_eval_preds_keeps_float64_scores(tiny_split, tmp_path):

@@ -7,6 +7,7 @@ and any other method are scored by exactly the same code.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparse_ad.config import DEFAULT_ENGINE, Config, check_ranges, config_from_saved
+from sparse_ad.config import DEFAULT_ENGINE, Config, TransformConfig, check_ranges, config_from_saved
 from sparse_ad.data.anovox import FrameRef, open_split
 from sparse_ad.data.files import load_voxel_grid, read_kv_csv
 from sparse_ad.data.in_flight import naming_dead_workers
@@ -59,19 +60,20 @@ def frame_size(ref: FrameRef):
         return None
 
 
-def recorded_threshold(pred_dir: Path) -> float:
-    """The calibrated threshold `predict` wrote into pred_dir/predict.json, or 0.5."""
+def predict_manifest(pred_dir: Path) -> dict:
+    """What `predict` recorded in pred_dir/predict.json (threshold, transform, sensor, ...), or
+    {} for another method's folder."""
     from sparse_ad.export import MANIFEST
 
     path = Path(pred_dir) / MANIFEST
     if not path.exists():
-        return 0.5
+        return {}
     try:
-        value = float(json.loads(path.read_text())["threshold"])
+        manifest = json.loads(path.read_text())
+        float(manifest["threshold"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SparseADError(f"{path}: unreadable threshold ({type(e).__name__}: {e}); pass --threshold") from None
-    print(f"threshold {value:.6g}: the checkpoint's calibrated one, from {path}")
-    return value
+        raise SparseADError(f"{path}: unreadable ({type(e).__name__}: {e}); delete it and pass --threshold") from None
+    return manifest
 
 
 def lidar_hits_anomaly(ref: FrameRef, gt: GroundTruth, cfg: Config, grid: VoxelGrid, lut: np.ndarray) -> bool | None:
@@ -88,7 +90,11 @@ def lidar_hits_anomaly(ref: FrameRef, gt: GroundTruth, cfg: Config, grid: VoxelG
     sensors = ref.scenario.sensors_of(cfg.data.sensor)
     if not sensors or not all(s.file(ref.frame).exists() for s in sensors):
         return None
-    points = finite_rows(load_frame(ref, cfg.data.sensor, with_gt=False).grid_points(**asdict(cfg.transform)))
+    try:
+        points = finite_rows(load_frame(ref, cfg.data.sensor, with_gt=False).grid_points(**asdict(cfg.transform)))
+    except SparseADError as e:   # a broken point file: decided as without one, and said
+        warnings.warn(f"{e} (frame decided by its prediction's voxels)", stacklevel=2)
+        return None
     return bool((point_targets(points, gt.keys, gt.tags, grid, lut) == ANOMALY).any())
 
 
@@ -97,17 +103,25 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
     """Score a prediction folder against a split; writes and returns the metrics JSON.
 
     threshold: for recall/precision/F1; default the calibrated one `predict` recorded in the
-    folder's predict.json, else 0.5 (another method's files). Exact by default (memory: 4
-    bytes per scored voxel); `histogram_bins` > 0 bins scores over [0, 1] instead, for flat
-    memory on very large splits (then approximate)."""
+    folder's predict.json, else 0.5 (another method's files). "Anomalies only" frames are
+    decided from the split's LiDAR, read with the transform and sensor predict.json records
+    (else `cfg`'s). Exact by default (memory: 4 or 8 bytes per scored voxel, as the files' scores);
+    `histogram_bins` > 0 bins scores over [0, 1] instead, for flat memory on very large splits
+    (then approximate)."""
     from sparse_ad.io import progress_bar
 
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise SparseADError(f"{pred_dir}: prediction folder not found; it must mirror the split as "
                             "Scenario_<id>/VOXEL_GRID_<frame>.npy")
+    manifest = predict_manifest(pred_dir)
     if threshold is None:
-        threshold = recorded_threshold(pred_dir)
+        threshold = float(manifest.get("threshold", 0.5))
+        if manifest:
+            print(f"threshold {threshold:.6g}: the checkpoint's calibrated one, from {pred_dir / 'predict.json'}")
+    if "transform" in manifest:   # the LiDAR that decides "anomalies only" is read as the model read it
+        cfg = copy.deepcopy(cfg)
+        cfg.transform, cfg.data.sensor = TransformConfig(**manifest["transform"]), manifest["sensor"]
     grid = cfg.grid.build()
     lut = target_table(cfg.labels.anomaly_tags, cfg.labels.ignore_tags)
     split = open_split(data, sensor_type=None, need_gt=True)
@@ -131,11 +145,11 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
     if missing:
         warnings.warn(f"{missing} frame(s) of {data} have no prediction file and are not scored", stacklevel=2)
     if no_lidar:
-        warnings.warn(f"{no_lidar} scored frame(s) of {data} have no {cfg.data.sensor} file: whether they count as "
-                      "anomaly frames is decided by the voxels their prediction covers", stacklevel=2)
+        warnings.warn(f"{no_lidar} scored frame(s) of {data} have no readable {cfg.data.sensor} file: whether they "
+                      "count as anomaly frames is decided by the voxels their prediction covers", stacklevel=2)
     result = acc.result(threshold)
     result["missing_predictions"] = missing
-    result["anomaly_frames_without_lidar"] = no_lidar   # frames "anomalies only" took from the prediction
+    result["frames_without_lidar"] = no_lidar   # scored frames whose "anomalies only" membership the prediction decided
     _write_json(Path(out), result)
     print(format_metrics(result))
     return result
