@@ -241,19 +241,19 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, a
     """Run a checkpoint on the held-out scenarios (or every frame) and score it (exact, or
     binned with flat memory when `histogram_bins` > 0), as `scoring` says."""
     from sparse_ad.data.dataset import train_val_frames
-    from sparse_ad.engine.runtime import pick_device, resolve_data_root
+    from sparse_ad.engine.runtime import data_root, pick_device, resolve_data_root
     from sparse_ad.plots import plot_curves
 
     dev = pick_device(device)
     model, cfg, ck = load_checkpoint_model(checkpoint, dev, scoring)
-    trained_on = resolve_data_root(cfg) if cfg.data.root else None
+    trained_on = data_root(cfg)
     if data:
         cfg.data.root = str(data)
     split = open_split(resolve_data_root(cfg), cfg.data.sensor, need_gt=True)
     refs = split.frames
     if not all_frames:
         _, refs = train_val_frames(refs, cfg)
-        if data and (trained_on is None or Path(data).resolve() != trained_on.resolve()):
+        if data and Path(data).expanduser().resolve() != trained_on.resolve():
             warnings.warn(f"{data} is not the split {checkpoint} was trained on, yet only its held-out scenarios "
                           f"are scored ({len(refs)} of {len(split.frames)} frames, as in training); pass "
                           "--all-frames to score a test split whole", stacklevel=2)

@@ -125,16 +125,25 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def resolve_data_root(cfg: Config) -> Path:
-    """`data.root`, or the synthetic demo split (written on first use into the cache)."""
+def data_root(cfg: Config) -> Path:
+    """Where the split lies: `data.root`, or the synthetic split's folder in the cache (named
+    by what makes it), written or not."""
     if cfg.data.root:
         return Path(cfg.data.root).expanduser()
-    from sparse_ad.synth import write_split
-
     cache = Path(os.environ.get("SPARSE_AD_CACHE", Path.home() / ".cache" / "sparse_ad"))
     d = cfg.data
     shares = f"a{d.synth_anomaly_share:g}" + (f"_b{d.synth_braking_share:g}" if d.synth_braking_share else "")
-    root = cache / f"synth_s{d.synth_scenarios}_f{d.synth_frames}_{shares}_seed{d.synth_seed}"
+    return cache / f"synth_s{d.synth_scenarios}_f{d.synth_frames}_{shares}_seed{d.synth_seed}"
+
+
+def resolve_data_root(cfg: Config) -> Path:
+    """`data.root`, or the synthetic demo split (written on first use into the cache)."""
+    root = data_root(cfg)
+    if cfg.data.root:
+        return root
+    from sparse_ad.synth import write_split
+
+    cache, d = root.parent, cfg.data
     done = root / ".complete"
     if done.exists():
         return root
