@@ -62,10 +62,10 @@ def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, de
     claim_folder(out, MANIFEST, {"checkpoint_sha256": file_sha256(checkpoint), "views": cfg.model.test_views,
                                  "engine": scoring.engine_on(dev),
                                  "precision": "fp16" if dev.type == "cuda" else "fp32",
-                                 "threshold": float(ck.get("threshold", 0.5)),   # eval-preds' default
-                                 "split": split_fingerprint(split, cfg.data.sensor),
-                                 "transform": asdict(cfg.transform), "sensor": cfg.data.sensor},
-                 "prediction files", has_output=any(out.glob("Scenario_*/VOXEL_GRID_*.npy")))
+                                 "split": split_fingerprint(split, cfg.data.sensor)},
+                 "prediction files", has_output=any(out.glob("Scenario_*/VOXEL_GRID_*.npy")),
+                 notes={"threshold": float(ck.get("threshold", 0.5)),   # what eval-preds scores with by default:
+                        "transform": asdict(cfg.transform), "sensor": cfg.data.sensor})   # the checkpoint's
     todo = [r for r in split.frames if not prediction_file(out, r).exists()]
     written = 0
     for ref, _, coords, scores in predict_frames(model, cfg, todo, dev, progress):

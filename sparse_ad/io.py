@@ -47,17 +47,19 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
         raise
 
 
-def claim_folder(folder: Path, marker: str, settings: dict, what: str, has_output: bool = False) -> None:
+def claim_folder(folder: Path, marker: str, settings: dict, what: str, has_output: bool = False,
+                 notes: dict | None = None) -> None:
     """Record in `folder/marker` (JSON) the settings that `folder`'s resumable output is made
     with, or refuse to add to output made with other ones: a rerun with another grid,
     checkpoint or view count would otherwise keep the old files beside the new. `has_output`:
-    the folder already holds output, so a missing marker means unknown settings (refused)."""
+    the folder already holds output, so a missing marker means unknown settings (refused).
+    `notes`: recorded beside them for readers, not compared (they follow from the settings)."""
     path = Path(folder) / marker
     if not path.exists():
         if has_output:
             raise ConfigError(f"{folder}: holds {what} but no {marker} saying how they were made; pick another "
                               "--out, or delete them to make them again")
-        atomic_write_text(path, json.dumps(settings, indent=2))
+        atomic_write_text(path, json.dumps({**(notes or {}), **settings}, indent=2))
         return
     try:
         have = json.loads(path.read_text())

@@ -11,6 +11,7 @@ from sparse_ad.config import load_config
 from sparse_ad.data.anovox import open_split
 from sparse_ad.engine.evaluate import Scoring, evaluate_checkpoint, evaluate_predictions
 from sparse_ad.engine.train import train
+from sparse_ad.errors import SparseADError
 from sparse_ad.export import predict_split
 
 TINY = ["train.epochs=2", "data.num_workers=0", "model.channels=[8,16]", "model.blocks_per_level=1",
@@ -329,6 +330,12 @@ def test_eval_preds_anomaly_frames_are_the_ones_the_lidar_sees_whatever_a_method
     with pytest.warns(UserWarning):
         moved = evaluate_predictions(tmp_path / "p", tiny_split, tmp_path / "m2.json", cfg, progress=False)
     assert moved["anomaly_frames"] == 1   # c alone, by its prediction
+    (tmp_path / "p" / "predict.json").write_text('{"method": "another tool"}')   # not ours: needed only without
+    with pytest.raises(SparseADError, match=r"predict.json: unreadable .*pass --threshold"):   # a --threshold
+        evaluate_predictions(tmp_path / "p", tiny_split, tmp_path / "m4.json", cfg, progress=False)
+    with pytest.warns(UserWarning, match="predict.json: unreadable .*--config's transform"):
+        assert evaluate_predictions(tmp_path / "p", tiny_split, tmp_path / "m4.json", cfg, threshold=0.3,
+                                    progress=False)["anomaly_frames"] == 2
     (tmp_path / "p" / "predict.json").unlink()
     lidar.write_bytes(lidar.read_bytes()[:100])   # a broken LiDAR file: warned, decided by the prediction
     with pytest.warns(UserWarning, match="not a readable .npy file .*decided by its prediction"):

@@ -203,7 +203,8 @@ def test_train_predict_and_eval_with_three_sweeps(tiny_split, tmp_path, monkeypa
     assert ep["anomaly_frames"] == ev["anomaly_frames"] == 5
     refs = [r for r in open_split(tiny_split).frames if r.frame == int(lidar.stem.rsplit("_", 1)[1])]
     sample = FrameDataset(refs, cfg, train=False)[0]       # what validation and frame labels go by
-    assert (sample.point_targets == 1).any() and not sample.lidar_sees_anomaly
+    assert (sample.point_targets == 1).any() and not sample.current_sees_anomaly   # not in "anomalies only"
+    assert sample.lidar_sees_anomaly   # but its input shows the object: frame label 1 for training
     assert ep["anomalies_only"]["aupr"] == pytest.approx(ev["anomalies_only"]["aupr"], abs=1e-7)
 
 

@@ -29,8 +29,9 @@ class Batch:
     names: list[str]
     points: list[np.ndarray]          # per frame (N_i, 4 or 5) float64: x, y, z, intensity[, sweep lag]
     point_targets: list[np.ndarray]   # per frame (N_i,) int8
-    lidar_sees_anomaly: list[bool]
+    lidar_sees_anomaly: list[bool]    # the frame labels training uses (any sweep)
     skipped: list[str] = field(default_factory=list)
+    current_sees_anomaly: list[bool] = field(default_factory=list)   # "anomalies only" (the current sweep)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -40,7 +41,9 @@ def collate(items: list[Sample | SparseADError]) -> Batch:
     samples = [s for s in items if isinstance(s, Sample)]
     return Batch([s.index for s in samples], [s.name for s in samples], [s.points for s in samples],
                  [s.point_targets for s in samples], [s.lidar_sees_anomaly for s in samples],
-                 skipped=[str(e) for e in items if isinstance(e, SparseADError)])
+                 skipped=[str(e) for e in items if isinstance(e, SparseADError)],
+                 current_sees_anomaly=[s.lidar_sees_anomaly if s.current_sees_anomaly is None
+                                       else s.current_sees_anomaly for s in samples])
 
 
 @dataclass

@@ -34,7 +34,10 @@ class Sample:
     name: str                  # "<scenario id>/<frame>"
     points: np.ndarray         # (N, 4) float64: grid-frame x, y, z, intensity (+ sweep lag: (N, 5))
     point_targets: np.ndarray  # (N,) int8: 1 anomaly, 0 normal, -1 ignore / not in GT
-    lidar_sees_anomaly: bool   # a point of the current sweep lies in an anomaly voxel of the frame's GT
+    lidar_sees_anomaly: bool   # a point (of any sweep) lies in an anomaly voxel of the frame's GT: the
+    #                            frame label training uses (what the input can show)
+    current_sees_anomaly: bool | None = None   # ... a point of the current sweep: "anomalies only"
+    #                            membership (None: the same as lidar_sees_anomaly, one sweep)
 
 
 def augment(points: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
@@ -112,8 +115,9 @@ class FrameDataset:
         if self.train and self.cfg.augment.enabled:
             rng = np.random.default_rng([self.cfg.train.seed, self.epoch, index])
             points = augment(points, self.cfg.augment, rng)
-        current = targets if self.cfg.data.sweeps == 1 else targets[points[:, 4] == 0]   # lag 0: this sweep
-        return Sample(index, ref.name, points, targets, bool((current == ANOMALY).any()))
+        seen = bool((targets == ANOMALY).any())
+        current = None if self.cfg.data.sweeps == 1 else bool((targets[points[:, 4] == 0] == ANOMALY).any())
+        return Sample(index, ref.name, points, targets, seen, current)   # lag 0 is this sweep
 
 
 def train_val_frames(frames: list[FrameRef], cfg: Config) -> tuple[list[FrameRef], list[FrameRef]]:

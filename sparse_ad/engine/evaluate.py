@@ -60,9 +60,10 @@ def frame_size(ref: FrameRef):
         return None
 
 
-def predict_manifest(pred_dir: Path) -> dict:
+def predict_manifest(pred_dir: Path, need_threshold: bool) -> dict:
     """What `predict` recorded in pred_dir/predict.json (threshold, transform, sensor, ...), or
-    {} for another method's folder."""
+    {} for another method's folder. Unreadable, it is an error only when its threshold is
+    needed (no --threshold given); otherwise it is passed over with a warning."""
     from sparse_ad.export import MANIFEST
 
     path = Path(pred_dir) / MANIFEST
@@ -71,8 +72,12 @@ def predict_manifest(pred_dir: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
         float(manifest["threshold"])
+        TransformConfig(**manifest.get("transform", {}))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SparseADError(f"{path}: unreadable ({type(e).__name__}: {e}); delete it and pass --threshold") from None
+        if need_threshold:
+            raise SparseADError(f"{path}: unreadable ({type(e).__name__}: {e}); pass --threshold") from None
+        warnings.warn(f"{path}: unreadable ({type(e).__name__}: {e}); scoring with --config's transform", stacklevel=2)
+        return {}
     return manifest
 
 
@@ -114,7 +119,7 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
     if not pred_dir.is_dir():
         raise SparseADError(f"{pred_dir}: prediction folder not found; it must mirror the split as "
                             "Scenario_<id>/VOXEL_GRID_<frame>.npy")
-    manifest = predict_manifest(pred_dir)
+    manifest = predict_manifest(pred_dir, need_threshold=threshold is None)
     if threshold is None:
         threshold = float(manifest.get("threshold", 0.5))
         if manifest:

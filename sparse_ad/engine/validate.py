@@ -86,7 +86,7 @@ def validate(cfg, rt, model, epoch: int) -> dict | None:
             keep = valid[rows]
             # "anomalies only": the current sweep hits an anomaly voxel (earlier sweeps' points may
             # land on one it misses), as eval and eval-preds decide it
-            scored = (scores[rows][keep], targets[rows][keep], batch.lidar_sees_anomaly[b])
+            scored = (scores[rows][keep], targets[rows][keep], batch.current_sees_anomaly[b])
             if rt.distributed:
                 frames.append((index, *scored, vb.names[b]))
             else:
