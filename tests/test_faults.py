@@ -25,6 +25,26 @@ TINY = ["data.num_workers=0", "model.channels=[8,16]", "model.blocks_per_level=1
         "data.val_fraction=0.5"]
 
 
+def _stop_flag_set_at_read(n: int):
+    """A stand-in for train's `_StopFlag` (SIGINT/SIGTERM) that reads as set from its n-th read on."""
+
+    class Flag:
+        reads, signum = 0, None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        @property
+        def set(self):
+            Flag.reads += 1
+            return Flag.reads >= n
+
+    return Flag
+
+
 def _history(run: Path) -> list:
     return json.loads((run / "history.json").read_text())
 
@@ -283,23 +303,9 @@ def test_the_time_budget_counts_across_resumes(tiny_split, tmp_path, monkeypatch
     # an epoch stopped part-way (and past the budget by then) is finished on resume, not dropped
     from sparse_ad.engine import train as train_mod
 
-    class StopAtStepOne:
-        reads, signum = 0, None
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        @property
-        def set(self):
-            StopAtStepOne.reads += 1
-            return StopAtStepOne.reads >= 2
-
     cfg = load_config("configs/demo.yaml", [*over, "train.max_minutes=0.0001"])
     with monkeypatch.context() as m:
-        m.setattr(train_mod, "_StopFlag", StopAtStepOne)
+        m.setattr(train_mod, "_StopFlag", _stop_flag_set_at_read(2))   # before step 1 of epoch 1
         assert train(cfg, tmp_path / "stopped")["stopped"]
     train(cfg, tmp_path / "stopped")
     assert [h["epoch"] for h in _history(tmp_path / "stopped")] == [1] and (tmp_path / "stopped" / "best.pt").exists()
@@ -335,23 +341,9 @@ def test_a_stop_mid_epoch_resumes_to_the_same_history(tiny_split, tmp_path, monk
     cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", "train.epochs=2", *TINY])
     train(cfg, tmp_path / "ref")
 
-    class StopInSecondEpoch:   # stop.set is read before each step and after each epoch
-        reads = 0
-        signum = None
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        @property
-        def set(self):
-            StopInSecondEpoch.reads += 1
-            return StopInSecondEpoch.reads >= 6   # before each of 3 steps + after epoch 1; then 1 step
-
     with monkeypatch.context() as m:
-        m.setattr(train_mod, "_StopFlag", StopInSecondEpoch)
+        # stop.set is read before each step and after each epoch: 3 steps + 1, then 1 step of epoch 2
+        m.setattr(train_mod, "_StopFlag", _stop_flag_set_at_read(6))
         assert train(cfg, tmp_path / "run")["stopped"]
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step_in_epoch"] == 1
     from sparse_ad.data.dataset import FrameDataset
