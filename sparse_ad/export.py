@@ -58,13 +58,14 @@ def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, de
     scoring = scoring or Scoring()
     model, cfg, ck = load_checkpoint_model(checkpoint, dev, scoring)
     split = open_split(data, cfg.data.sensor, need_gt=False)
+    threshold = float(ck.get("threshold", 0.5))   # calibrated in validation: the operating point
     out = Path(out)
     claim_folder(out, MANIFEST, {"checkpoint_sha256": file_sha256(checkpoint), "views": cfg.model.test_views,
                                  "engine": scoring.engine_on(dev),
                                  "precision": "fp16" if dev.type == "cuda" else "fp32",
                                  "split": split_fingerprint(split, cfg.data.sensor)},
                  "prediction files", has_output=any(out.glob("Scenario_*/VOXEL_GRID_*.npy")),
-                 notes={"threshold": float(ck.get("threshold", 0.5)),   # what eval-preds scores with by default:
+                 notes={"threshold": threshold,   # what eval-preds scores with by default:
                         "transform": asdict(cfg.transform), "sensor": cfg.data.sensor})   # the checkpoint's
     todo = [r for r in split.frames if not prediction_file(out, r).exists()]
     written = 0
@@ -77,8 +78,8 @@ def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, de
 
             gt_file = ref.scenario.voxel_grid_file(ref.frame)
             plot_bev(coords, scores, gt_file if gt_file.exists() else None, cfg, path.with_suffix(".png"),
-                     threshold=float(ck.get("threshold", 0.5)), title=ref.name)   # validation's operating point
+                     threshold=threshold, title=ref.name)
     print(f"wrote {written} prediction file(s) under {out} ({len(split.frames) - len(todo)} already there); the "
-          f"checkpoint's calibrated threshold {float(ck.get('threshold', 0.5)):.6g} is in {out / MANIFEST}, "
+          f"checkpoint's calibrated threshold {threshold:.6g} is in {out / MANIFEST}, "
           "where eval-preds takes it from")
     return written

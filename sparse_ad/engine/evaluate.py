@@ -123,7 +123,7 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
     if threshold is None:
         threshold = float(manifest.get("threshold", 0.5))
         if manifest:
-            print(f"threshold {threshold:.6g}: the checkpoint's calibrated one, from {pred_dir / 'predict.json'}")
+            print(f"threshold {threshold:.6g}: the checkpoint's calibrated one, from its predict.json")
     if "transform" in manifest:   # the LiDAR that decides "anomalies only" is read as the model read it
         cfg = copy.deepcopy(cfg)
         cfg.transform, cfg.data.sensor = TransformConfig(**manifest["transform"]), manifest["sensor"]
