@@ -113,9 +113,13 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
     sched = ckpt.build_scheduler(cfg, state.optimizer, total_steps, state.scheduler_state)
     writer = rt.tensorboard(run_dir)
     start = time.monotonic() - 60 * state.minutes   # the budget counts the minutes before a resume too
+
+    def clock() -> None:   # the minutes so far, kept in the state that checkpoints save
+        state.minutes = (time.monotonic() - start) / 60
+
     with _StopFlag() as stop:
         for epoch in range(state.epoch, cfg.train.epochs):
-            state.minutes = (time.monotonic() - start) / 60
+            clock()
             # an epoch a stop interrupted is finished first (it began within the budget); the
             # step counts are the same on every rank
             over = bool(cfg.train.max_minutes) and state.minutes > cfg.train.max_minutes and not state.step_in_epoch
@@ -126,7 +130,7 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
             if rt.sampler is not None:
                 rt.sampler.set_epoch(epoch)
             stats, stopped = _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer)
-            state.minutes = (time.monotonic() - start) / 60
+            clock()
             if stopped:
                 state.epoch_stats = asdict(stats)   # the resumed epoch adds to these
                 ckpt.save(run_dir / "last.pt", state, sched, epoch=epoch, step_in_epoch=state.step_in_epoch,
@@ -138,7 +142,7 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
             # every rank scores a share with the bare module (not through DDP: its forward would
             # start gradient-sync collectives); rank 0 gets the metrics and shares them
             metrics = rt.broadcast(validate(cfg, rt, state.eval_model, epoch))
-            state.minutes = (time.monotonic() - start) / 60
+            clock()
             _record_epoch(cfg, rt, run_dir, state, sched, epoch, stats, metrics, writer)
     return _finish(cfg, rt, run_dir, state)
 
