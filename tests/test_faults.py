@@ -311,6 +311,17 @@ def test_the_time_budget_counts_across_resumes(tiny_split, tmp_path, monkeypatch
     assert [h["epoch"] for h in _history(tmp_path / "stopped")] == [1] and (tmp_path / "stopped" / "best.pt").exists()
 
 
+def test_a_config_refused_while_setting_up_leaves_no_empty_run_folder(tiny_split, tmp_path):
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", "data.sweeps=2", *TINY])
+    with pytest.raises(ConfigError, match="set model.in_channels=7"):
+        train(cfg, tmp_path / "new" / "run")
+    assert not (tmp_path / "new" / "run").exists()
+    (tmp_path / "mine").mkdir()                       # a folder the user made is left alone
+    with pytest.raises(ConfigError):
+        train(cfg, tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_non_finite_loss_stops_with_step_frames_and_hint(tiny_split, tmp_path, monkeypatch):
     from sparse_ad.engine import checkpoint as ck_mod
 

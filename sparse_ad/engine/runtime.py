@@ -214,14 +214,20 @@ def setup_runtime(cfg: Config, run_dir: Path) -> Runtime:
     if device.type == "cpu" and cfg.train.cpu_threads > 0:
         # spconv's CPU kernels are many small GEMMs: extra threads mostly add contention
         torch.set_num_threads(cfg.train.cpu_threads)
+    fresh = not Path(run_dir).exists()
     try:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SparseADError(f"{run_dir}: cannot create the run directory ({e.strerror or e}); pick a writable "
                             "--run-dir") from None
-    if world > 1 and not cfg.data.root:
-        _write_synthetic_split_once(cfg, rank)
-    train_set, val_set = datasets(cfg)
+    try:
+        if world > 1 and not cfg.data.root:
+            _write_synthetic_split_once(cfg, rank)
+        train_set, val_set = datasets(cfg)
+    except SparseADError:
+        if fresh and rank == 0 and not any(Path(run_dir).iterdir()):   # made for nothing: leave no empty folder
+            Path(run_dir).rmdir()
+        raise
     rt = Runtime(device=device, grid=cfg.grid.build(), amp=cfg.train.amp and device.type == "cuda",
                  rank=rank, world_size=world, train_set=train_set, val_set=val_set, cfg=cfg,
                  max_skip_fraction=cfg.data.max_skip_fraction)
