@@ -123,11 +123,15 @@ def compare(result: dict, baseline: dict, name: str = "baseline") -> dict:
     return out
 
 
+def _same_split(a: str | Path, b: str | Path) -> bool:
+    """Whether two synthetic split paths name the same split: its folder name encodes what made
+    it (scenarios, frames, shares, seed), while the cache around it may move (SPARSE_AD_CACHE)."""
+    return Path(a).name == Path(b).name
+
+
 def _check_same_splits(result: dict, baseline: dict, name: str) -> None:
     """Paired differences mean something only on the same training and test splits."""
-    # the split's folder name encodes what made it (scenarios, frames, shares, seed); the cache
-    # around it may move (another SPARSE_AD_CACHE)
-    if Path(result["test_split"]).name != Path(baseline.get("test_split") or "").name:
+    if not _same_split(result["test_split"], baseline.get("test_split") or ""):
         raise ConfigError(f"{name} scored another test split ({baseline.get('test_split')} vs "
                           f"{result['test_split']}); compare studies with the same test seed and split size")
     ours, theirs = ({k: (d.get("resolved_config") or {}).get("data", {}).get(k, SPLIT_DEFAULTS.get(k))
@@ -201,9 +205,7 @@ def _check_reusable(row: dict, cfg, test_root: Path, run_dir: Path) -> None:
     except (OSError, yaml.YAMLError, AttributeError):   # missing, unreadable, or not a mapping
         raise ConfigError(f"{saved}: missing or unreadable, so what this finished seed trained is unknown; use "
                           "another --out, or delete that folder to train it again") from None
-    # the split's folder name encodes what made it (scenarios, frames, shares, seed); the cache
-    # around it may move
-    if Path(row.get("test_split", str(test_root))).name != test_root.name:
+    if not _same_split(row.get("test_split", test_root), test_root):
         changed = ", ".join(filter(None, [changed, f"test split {row['test_split']} (now {test_root})"]))
     if changed:
         raise ConfigError(f"{run_dir}: this finished seed was trained with {changed}; use another --out, or "
