@@ -154,6 +154,17 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
 
             results["graphs_error"] = str(e) if isinstance(e, SparseADError) else error_chain(e)
             print(f"gather_gemm_graphs: {results['graphs_error']}")
+    from sparse_ad.models.gather_gemm import DEFAULT_GATHER, GATHER_MODES, GatherGemmUNet
+    from sparse_ad.models.graphs import GraphedGatherGemm
+
+    for mode in GATHER_MODES:   # the other ways of gathering rows (`gather_rows`), each engine's whole path
+        if mode == DEFAULT_GATHER:
+            continue
+        other = GatherGemmUNet(fused, gather=mode)
+        stages[f"inference_gather_gemm@{mode}"] = lambda net=other: (vox_part(), unet_part(net))
+        if "inference_graphs" in stages:
+            other_graphed = GraphedGatherGemm(GatherGemmUNet(fused, gather=mode))
+            stages[f"inference_graphs@{mode}"] = lambda net=other_graphed: (vox_part(), unet_part(net))
     if cfg.model.test_views > 1:
         stages["inference_views"] = infer_views
     stages["eval_batch"] = eval_batch
@@ -173,6 +184,10 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         "inference_graphs_ms_per_frame": results.get("inference_graphs"),
         "inference_unet_graphs_ms": results.get("inference_unet_graphs"),
         "graphs_max_abs_diff": results.get("graphs_max_abs_diff"), "graphs_error": results.get("graphs_error"),
+        "gather_default": DEFAULT_GATHER,
+        "gather_modes_ms_per_frame": {   # whole path per frame, {mode: {engine: ms}}
+            mode: {eng: results.get(f"inference_{eng}@{mode}") for eng in ("gather_gemm", "graphs")}
+            for mode in GATHER_MODES if mode != DEFAULT_GATHER},
         "test_views": cfg.model.test_views, "inference_views_ms_per_frame": results.get("inference_views"),
         "eval_ms_per_frame": results["eval_batch"] / batch_size,
         "inference_spread_ms": spread,
@@ -233,6 +248,9 @@ def format_table(r: dict) -> str:
                 + _p10_p90(r, "inference_graphs")),
                ("  gather_gemm_graphs vs spconv, max |dp|", f"{r['graphs_max_abs_diff']:.1e}")]
               if r.get("inference_graphs_ms_per_frame") is not None else []),
+            *[(f"  gather={mode}: gather_gemm / graphs, whole (ms)",
+               " / ".join("n/a" if ms is None else f"{ms:.1f}" for ms in by.values()))
+              for mode, by in (r.get("gather_modes_ms_per_frame") or {}).items()],
             *([(f"  with {r['test_views']} test views (ms)", f"{r['inference_views_ms_per_frame']:.1f}")]
               if r.get("inference_views_ms_per_frame") is not None else []),
             (f"eval, {r['batch_size']} frames x {r['test_views']} views a pass (ms/frame)",

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparse_ad.errors import SparseADError
-from sparse_ad.models.gather_gemm import GatherGemmUNet, subm_map
+from sparse_ad.models.gather_gemm import GATHER_MODES, GatherGemmUNet, gather_rows, subm_map
 from sparse_ad.models.inference import fuse_for_inference
 from sparse_ad.models.sparse_tensor import to_sparse_tensor
 from sparse_ad.models.spunet import SpUNet
@@ -59,6 +59,36 @@ def test_gather_gemm_equals_spconv(blocks, scene, shape, randomize_bn):
     small = GatherGemmUNet(fused, max_gather_mb=0.01)
     with torch.no_grad():
         assert _rel(small(x).voxel_logits, ref.voxel_logits) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("cols", [1, 3, 6, 8, 12, 32])
+@pytest.mark.parametrize("mode", GATHER_MODES)
+def test_gather_rows_copies_exactly_the_indexed_rows(mode, cols, dtype):
+    """Every mode, every row width (the wide mode views rows as 2-, 4-, 8- or 16-byte
+    elements): bit-equal to fp[index], also on a slice that starts mid-row-width."""
+    gen = torch.Generator().manual_seed(cols)
+    fp = torch.randn((41, cols), generator=gen).to(dtype)
+    index = torch.randint(0, 41, (97,), generator=gen)
+    for src in (fp, fp[1:], fp[:, :-1] if cols > 1 else fp):   # offset storage; non-contiguous
+        i = index.clamp(max=src.shape[0] - 1)
+        out = gather_rows(src, i, mode)
+        assert out.dtype == src.dtype and out.shape == (len(i), src.shape[1])
+        assert torch.equal(out.view(torch.int16 if dtype == torch.float16 else torch.int32),
+                           src[i].contiguous().view(torch.int16 if dtype == torch.float16 else torch.int32))
+
+
+def test_every_gather_mode_gives_the_same_unet_output():
+    torch.manual_seed(3)
+    fused = fuse_for_inference(SpUNet(6, 8, (8, 16, 24), blocks_per_level=1).eval())
+    x = _input(3, (16, 12, 8))
+    with torch.no_grad():
+        outs = [GatherGemmUNet(fused, gather=m)(x).voxel_logits for m in GATHER_MODES]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    with pytest.raises(SparseADError, match="gather mode"):
+        GatherGemmUNet(fused, gather="rows")
+    with pytest.raises(SparseADError, match="gather mode"):
+        gather_rows(x.features, torch.zeros(1, dtype=torch.int64), "rows")
 
 
 def test_subm_map_finds_exactly_the_neighbours():

@@ -120,10 +120,19 @@ def main() -> int:
     vox = vcuda.voxelize_cuda(pts, grid)
     x = to_sparse_tensor(voxel_features(vox, grid), vox.coords,
                          torch.zeros(len(vox.keys), dtype=torch.int32, device=dev), grid.shape, 1)
-    gemm = fuse_for_inference(model.eval(), half=True, engine="gather_gemm")
-    r["default_gather_gemm_fp16"] = host_ms(lambda: gemm(x))
-    r["default_gather_gemm_fp16_host"] = host_ms(lambda: gemm(x), sync=False)
-    _profile(a.out / "fwd_gather_gemm", lambda: gemm(x))
+    from sparse_ad.models.gather_gemm import GATHER_MODES, GatherGemmUNet
+    from sparse_ad.models.graphs import GraphedGatherGemm
+
+    fused = fuse_for_inference(model.eval(), half=True)
+    for mode in GATHER_MODES:   # each way of gathering rows: whole forward, its host part, GPU time
+        gemm = GatherGemmUNet(fused, gather=mode)
+        r[f"default_gather_gemm_{mode}_fp16"] = host_ms(lambda g=gemm: g(x))
+        r[f"default_gather_gemm_{mode}_fp16_host"] = host_ms(lambda g=gemm: g(x), sync=False)
+        kernels = _profile(a.out / f"fwd_gather_gemm_{mode}", lambda g=gemm: g(x))
+        # device time per forward: kernels and memsets (an aten:: op's row repeats its kernels' time)
+        r[f"default_gather_gemm_{mode}_gpu"] = sum(v for k, v in kernels.items() if not k.startswith("aten::")) / 5e3
+        graphed = GraphedGatherGemm(GatherGemmUNet(fused, gather=mode))
+        r[f"default_graphs_{mode}_fp16"] = host_ms(lambda g=graphed: g(x))
     model.train()
 
     def step():

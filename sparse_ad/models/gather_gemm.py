@@ -125,6 +125,35 @@ class LevelMaps:
     slot: torch.Tensor | None = None         # (N,)
 
 
+GATHER_MODES = ("index_select", "index", "wide")
+DEFAULT_GATHER = "index_select"
+_WIDE = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint8)   # widest first
+
+
+def gather_rows(fp: torch.Tensor, index: torch.Tensor, mode: str = DEFAULT_GATHER) -> torch.Tensor:
+    """fp[index]: the rows of the (R, C) matrix `fp` at the flat int64 `index`, (len, C).
+
+    Why three ways: torch's `index_select` of rows runs one CUDA block (one warp) per index,
+    and a 32-channel fp16 row is 64 bytes, i.e. 4 of the warp's 32 threads copy anything; at
+    27 indices per voxel the H100 profile shows these gathers as ~80% of the forward's GPU
+    time (`tools/profile_gpu.py`). Advanced indexing (`index`) runs one thread per output
+    element instead, and `wide` does the same over each row viewed as the widest element
+    type that divides it (16 bytes for a row of 8k fp16 values): the same bytes in fewer,
+    wider copies. All three copy bits, so they give identical results."""
+    if mode == "index_select":
+        return torch.index_select(fp, 0, index)
+    if mode == "index":
+        return fp[index]
+    if mode != "wide":
+        raise SparseADError(f"gather_gemm: gather mode must be one of {GATHER_MODES}, found {mode!r}")
+    row_bytes = fp.shape[1] * fp.element_size()
+    if fp.is_contiguous():
+        for wide in _WIDE:
+            if row_bytes % wide.itemsize == 0 and (fp.storage_offset() * fp.element_size()) % wide.itemsize == 0:
+                return fp.view(wide)[index].view(fp.dtype)
+    return fp[index]
+
+
 def _padded(rows: int, cols: int, like: torch.Tensor, dtype=None) -> torch.Tensor:
     """(rows + 1, cols), the last row zero: every feature matrix here carries that zero row,
     which a map's "no voxel" index (= rows) gathers."""
@@ -152,6 +181,7 @@ class GemmConv(nn.Module):
         self.register_buffer("bias", fused.bias.detach().clone())
         self.relu = fused.relu
         self.cout = cout
+        self.gather_mode = DEFAULT_GATHER   # `GatherGemmUNet(gather=...)` sets it on every conv
 
     def gather(self, fp: torch.Tensor, table: torch.Tensor, max_rows: int) -> torch.Tensor:
         """Rows of `table` (M, taps) gathered from `fp`, times the weight, in row chunks."""
@@ -159,7 +189,7 @@ class GemmConv(nn.Module):
         out = _padded(m, self.cout, fp)
         for lo in range(0, m, max_rows):
             t = table[lo:lo + max_rows]
-            cols = torch.index_select(fp, 0, t.reshape(-1)).view(t.shape[0], -1)   # cheaper to issue than fp[t]
+            cols = gather_rows(fp, t.reshape(-1), self.gather_mode).view(t.shape[0], -1)
             torch.addmm(self.bias, cols, self.weight, out=out[lo:lo + t.shape[0]])
         return out.relu_() if self.relu else out
 
@@ -195,10 +225,16 @@ class GatherGemmUNet(nn.Module):
     """`InferenceUNet` (folded BN, fp32 or fp16) run as gather + GEMM; same input (a sparse
     tensor: features, indices [b, x, y, z], spatial_shape, batch_size) and output."""
 
-    def __init__(self, model: InferenceUNet, max_gather_mb: float = 512.0):
+    def __init__(self, model: InferenceUNet, max_gather_mb: float = 512.0, gather: str = DEFAULT_GATHER):
         super().__init__()
+        if gather not in GATHER_MODES:
+            raise SparseADError(f"gather_gemm: gather mode must be one of {GATHER_MODES}, found {gather!r}")
         self.in_channels, self.stride, self.dtype = model.in_channels, model.stride, model.dtype
         copy_levels(self, model, GemmConv, GemmBlock)
+        self.gather = gather
+        for m in self.modules():
+            if isinstance(m, GemmConv):
+                m.gather_mode = gather
         self.head, self.scene = model.head, model.scene
         self.max_gather_bytes = int(max_gather_mb * 2**20)
         self.requires_grad_(False)
