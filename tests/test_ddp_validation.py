@@ -61,3 +61,40 @@ def test_sharded_validation_equals_one_process(tiny_split, tmp_path, monkeypatch
         for key in ("auroc", "aupr", "fpr95", "recall", "voxels", "anomaly_voxels"):
             assert sharded[section][key] == pytest.approx(single[section][key], rel=1e-6, abs=1e-9), (section, key)
     assert sharded["objects"] == single["objects"]
+
+
+def _skip_rank(rank: int, world: int, port: int, out: str, max_skip: float) -> None:
+    """Rank 1 alone skipped a frame load; every rank reports and decides on the total."""
+    import contextlib
+    import io
+
+    from sparse_ad.engine.runtime import Runtime
+    from sparse_ad.errors import SparseADError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    rt = Runtime(device=torch.device("cpu"), grid=None, amp=False, rank=rank, world_size=world, train_set=None,
+                 val_set=None, max_skip_fraction=max_skip)
+    rt.frames_seen, rt.skipped_total = 3, int(rank == 1)
+    printed, verdict = io.StringIO(), "ok"
+    try:
+        with contextlib.redirect_stdout(printed):
+            rt.check_skipped()
+    except SparseADError:
+        verdict = "failed"
+    finally:
+        torch.distributed.destroy_process_group()
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"printed": printed.getvalue(), "verdict": verdict,
+                                                            "skipped": rt.skipped_total}))
+
+
+@pytest.mark.parametrize("max_skip", [0.5, 0.1])
+def test_skipped_frames_are_counted_over_all_ranks(tmp_path, max_skip):
+    """Rank 0 reports the frame rank 1 skipped (it reported only its own), and a share over
+    data.max_skip_fraction fails every rank together (rank 1 used to fail alone, leaving
+    rank 0 waiting in its next collective)."""
+    torch.multiprocessing.spawn(_skip_rank, args=(2, _free_port(), str(tmp_path), max_skip), nprocs=2)
+    r = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert "1 of 6 frame loads skipped" in r[0]["printed"] and r[1]["printed"] == ""
+    assert [x["skipped"] for x in r] == [1, 1]
+    assert [x["verdict"] for x in r] == (["ok", "ok"] if max_skip == 0.5 else ["failed", "failed"])

@@ -370,12 +370,16 @@ def test_a_stop_mid_epoch_resumes_to_the_same_history(tiny_split, tmp_path, monk
 
 def test_ddp_goes_on_when_one_rank_has_no_loadable_frame(tiny_split, tmp_path):
     """One rank's batch is a broken frame, the other's is fine: both must skip that step
-    together (a rank that skipped alone left the other waiting in DDP's all-reduce)."""
+    together (a rank that skipped alone left the other waiting in DDP's all-reduce). The
+    broken frame is in rank 1's share of the epoch."""
+    from torch.utils.data import DistributedSampler
+
     from sparse_ad.engine.runtime import datasets
 
     cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", *TINY])
     train_set, _ = datasets(cfg)
-    ref = train_set.frames[0]
+    rank1 = list(DistributedSampler(train_set, num_replicas=2, rank=1, shuffle=True, seed=cfg.train.seed))
+    ref = train_set.frames[rank1[0]]
     (ref.scenario.path / MONO / f"{MONO}_{ref.frame}.npy").write_bytes(b"\x93NUMPY broken")
     env = {**os.environ, "SPARSE_AD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     run = tmp_path / "ddp"

@@ -208,8 +208,8 @@ def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
         counts = list(ck["class_counts"])
         if rt.is_main:
             print(f"resuming from {last} (epoch {ck['epoch']}, step {ck['step_in_epoch']} of the next epoch)")
-    else:
-        counts = class_counts(cfg, rt, run_dir)
+    else:   # counted by rank 0 alone: ranks counting at once raced to the same cache file
+        counts = rt.broadcast(class_counts(cfg, rt, run_dir) if rt.is_main else None)
     loss_fn = build_loss(cfg.loss, counts)
     if ck is None:
         if rt.is_main:
