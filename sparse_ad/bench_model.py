@@ -5,10 +5,12 @@ What a user on a CUDA machine wants to know before a long run: frames/s of a tra
 latency of one inference frame: host float32 (N, 4) points (xyz, intensity; pinned, as a
 loader would hand them over) → device → voxelize → features → BN-folded U-Net
 (`fuse_for_inference`, real fp16 on CUDA) → sigmoid, with its two parts timed apart (voxelize
-incl. the copy and features; U-Net incl. the sparse tensor and sigmoid). The unfused model
-under autocast (the eval path before folding) is timed too, for comparison, and so is the
-same path with the `gather_gemm` engine and, on CUDA, with its CUDA-graph form (and how far
-their probabilities are from spconv's).
+incl. the copy and features; U-Net incl. the sparse tensor and sigmoid), for each engine:
+spconv, `gather_gemm` and, on CUDA, its CUDA-graph form (with how far their probabilities are
+from spconv's), and the gather engines with each other way of gathering rows (`gather_rows`;
+bit-equal or not to the default one). The unfused model under autocast (the eval path before
+folding) is timed too, for comparison; test-time views and `eval`'s batches run on the
+device's default engine (`config.DEFAULT_ENGINE`), as `eval` does.
 Inputs are LiDAR-like sweeps of `points` points on the AnoVox grid (`bench.lidar_cloud`), so
 no dataset is needed. Timings on CUDA use events after warm-up; on CPU, perf_counter. The
 training step is the median of `repeats`; the inference variants are timed in turn, round
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from sparse_ad.bench import interleaved_ms, lidar_cloud, machine_info, median_ms, positive_int
-from sparse_ad.config import load_config
+from sparse_ad.config import DEFAULT_ENGINE, load_config
 from sparse_ad.data.batch import Batch, voxelize_batch
 from sparse_ad.errors import SparseADError, reported
 from sparse_ad.io import atomic_write_text
@@ -117,16 +119,16 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         vox_part()
         unet_part(graphed)
 
-    def infer_views():   # the same with the config's test-time views, batched as `eval` runs them
+    def infer_views():   # the whole path with the config's test-time views, batched as `eval` runs them
         vox_part()
         feats, coords = last["x"]
         vb = SimpleNamespace(features=feats, coords=coords.int(), batch_size=1,
                              batch_index=torch.zeros(len(feats), dtype=torch.int32, device=dev))
-        frame_scores(fused, vb, grid, amp=False, views=cfg.model.test_views)
+        frame_scores(default, vb, grid, amp=False, views=cfg.model.test_views)
 
     def eval_batch():   # what `eval` does per batch: batch_size frames (x test views) in one pass
         vb = voxelize_batch(batch, grid, dev)
-        frame_scores(fused, vb, grid, amp=False, views=cfg.model.test_views).cpu()
+        frame_scores(default, vb, grid, amp=False, views=cfg.model.test_views).cpu()
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -137,6 +139,7 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         torch.cuda.reset_peak_memory_stats(dev)
     fused = fuse_for_inference(model.eval(), half=dev.type == "cuda")   # from the trained weights and BN stats
     gemm = fuse_for_inference(fused, engine="gather_gemm")
+    default = gemm if DEFAULT_ENGINE[dev.type] == "gather_gemm" else fused   # what `eval` runs here
     model.train()
     vox_part()
     a, b = unet_part(), unet_part(gemm)
@@ -160,11 +163,18 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
     for mode in GATHER_MODES:   # the other ways of gathering rows (`gather_rows`), each engine's whole path
         if mode == DEFAULT_GATHER:
             continue
-        other = GatherGemmUNet(fused, gather=mode)
-        stages[f"inference_gather_gemm@{mode}"] = lambda net=other: (vox_part(), unet_part(net))
+        nets = {"gather_gemm": GatherGemmUNet(fused, gather=mode)}
         if "inference_graphs" in stages:
-            other_graphed = GraphedGatherGemm(GatherGemmUNet(fused, gather=mode))
-            stages[f"inference_graphs@{mode}"] = lambda net=other_graphed: (vox_part(), unet_part(net))
+            nets["graphs"] = GraphedGatherGemm(GatherGemmUNet(fused, gather=mode))
+        for eng, net in nets.items():
+            try:   # the first forward of the graphed form captures; a failure must not cost the rest
+                results[f"equal_{eng}@{mode}"] = bool(torch.equal(b, unet_part(net)))   # bits, not closeness
+                stages[f"inference_{eng}@{mode}"] = lambda net=net: (vox_part(), unet_part(net))
+            except Exception as e:   # noqa: BLE001
+                from sparse_ad.models.graphs import error_chain
+
+                results[f"error_{eng}@{mode}"] = error_chain(e)
+                print(f"{eng} with gather={mode}: {results[f'error_{eng}@{mode}']}")
     if cfg.model.test_views > 1:
         stages["inference_views"] = infer_views
     stages["eval_batch"] = eval_batch
@@ -188,6 +198,11 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         "gather_modes_ms_per_frame": {   # whole path per frame, {mode: {engine: ms}}
             mode: {eng: results.get(f"inference_{eng}@{mode}") for eng in ("gather_gemm", "graphs")}
             for mode in GATHER_MODES if mode != DEFAULT_GATHER},
+        "gather_modes_equal": {   # bit-equal to the default mode's probabilities, or the error
+            f"{eng}@{mode}": results.get(f"equal_{eng}@{mode}", results.get(f"error_{eng}@{mode}"))
+            for mode in GATHER_MODES if mode != DEFAULT_GATHER for eng in ("gather_gemm", "graphs")
+            if f"equal_{eng}@{mode}" in results or f"error_{eng}@{mode}" in results},
+        "eval_engine": DEFAULT_ENGINE[dev.type],
         "test_views": cfg.model.test_views, "inference_views_ms_per_frame": results.get("inference_views"),
         "eval_ms_per_frame": results["eval_batch"] / batch_size,
         "inference_spread_ms": spread,
@@ -251,9 +266,10 @@ def format_table(r: dict) -> str:
             *[(f"  gather={mode}: gather_gemm / graphs, whole (ms)",
                " / ".join("n/a" if ms is None else f"{ms:.1f}" for ms in by.values()))
               for mode, by in (r.get("gather_modes_ms_per_frame") or {}).items()],
-            *([(f"  with {r['test_views']} test views (ms)", f"{r['inference_views_ms_per_frame']:.1f}")]
+            *([(f"  with {r['test_views']} test views, {r['eval_engine']} (ms)",
+                f"{r['inference_views_ms_per_frame']:.1f}")]
               if r.get("inference_views_ms_per_frame") is not None else []),
-            (f"eval, {r['batch_size']} frames x {r['test_views']} views a pass (ms/frame)",
+            (f"eval ({r['eval_engine']}), {r['batch_size']} frames x {r['test_views']} views a pass (ms/frame)",
              f"{r['eval_ms_per_frame']:.1f}"),
             ("peak GPU memory, training (MB)",
              "n/a" if r["peak_gpu_memory_mb"] is None else f"{r['peak_gpu_memory_mb']:.0f}")]

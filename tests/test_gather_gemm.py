@@ -70,7 +70,8 @@ def test_gather_rows_copies_exactly_the_indexed_rows(mode, cols, dtype):
     gen = torch.Generator().manual_seed(cols)
     fp = torch.randn((41, cols), generator=gen).to(dtype)
     index = torch.randint(0, 41, (97,), generator=gen)
-    for src in (fp, fp[1:], fp[:, :-1] if cols > 1 else fp):   # offset storage; non-contiguous
+    odd = torch.randn(41 * cols + 1, generator=gen).to(dtype)[1:].view(41, cols)   # starts mid-element-width
+    for src in (fp, fp[1:], odd, fp[:, :-1] if cols > 1 else fp):   # offset storage; non-contiguous
         i = index.clamp(max=src.shape[0] - 1)
         out = gather_rows(src, i, mode)
         assert out.dtype == src.dtype and out.shape == (len(i), src.shape[1])
@@ -83,7 +84,8 @@ def test_every_gather_mode_gives_the_same_unet_output():
     fused = fuse_for_inference(SpUNet(6, 8, (8, 16, 24), blocks_per_level=1).eval())
     x = _input(3, (16, 12, 8))
     with torch.no_grad():
-        outs = [GatherGemmUNet(fused, gather=m)(x).voxel_logits for m in GATHER_MODES]
+        outs = [GatherGemmUNet(fused, gather=m, max_gather_mb=mb)(x).voxel_logits
+                for m in GATHER_MODES for mb in (512.0, 0.01)]   # whole and in small row chunks
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     with pytest.raises(SparseADError, match="gather mode"):
         GatherGemmUNet(fused, gather="rows")

@@ -66,12 +66,16 @@ def test_fold_is_not_identity_and_model_stays_trainable(randomize_bn):
 
 
 def test_validation_scores_with_what_eval_runs_on_the_device():
-    """CUDA validation scores with the folded fp16 model (eval's numerics); CPU with the model
-    itself. Building the CUDA scorer needs no GPU (it only converts weights)."""
+    """CUDA validation scores with the folded fp16 model on eval's CUDA engine (eval's
+    numerics); CPU with the model itself. Building the CUDA scorer needs no GPU (it only
+    converts weights)."""
+    from sparse_ad.config import DEFAULT_ENGINE
     from sparse_ad.engine.validate import validation_scorer
+    from sparse_ad.models.gather_gemm import GatherGemmUNet
 
     model = SpUNet(6, 8, (8,)).eval()
     assert validation_scorer(model, torch.device("cpu")) is model
     scorer = validation_scorer(model, torch.device("cuda"))
-    assert isinstance(scorer, InferenceUNet) and scorer.dtype == torch.float16
+    engine = {"spconv": InferenceUNet, "gather_gemm": GatherGemmUNet}[DEFAULT_ENGINE["cuda"]]
+    assert isinstance(scorer, engine) and scorer.dtype == torch.float16
     assert next(model.parameters()).dtype == torch.float32          # the trained model untouched

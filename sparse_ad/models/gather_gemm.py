@@ -2,7 +2,7 @@
 
 Why: on a GPU, one frame's U-Net is bound by the host, not the device — spconv spends
 ~0.13 ms of Python/C++ per conv call and syncs 13 times per forward, while the kernels
-themselves take ~1.6 ms (README, H100 profile). Here every kernel map is built once per
+themselves take ~1.7 ms (README, H100 profile). Here every kernel map is built once per
 level with a handful of torch ops, and a conv is four launches:
 
     rows of the input gathered by the map          →  (N, taps * C_in)
@@ -33,9 +33,10 @@ the input's rows, as with spconv.
 
 The zero-row trick costs FLOPs for absent neighbours: on a synthetic 120k-point sweep a voxel
 has 8-9 of its 26 neighbours at every level (24088, 8722, 2662, 894, 316 voxels), so this does
-~3x the arithmetic of spconv's pair lists — which a GPU's tensor cores should not notice, and
-a CPU does (README). Memory:
-the gathered matrix is N * 27 * C_in values; `max_gather_mb` splits it into row chunks.
+~3x the arithmetic of spconv's pair lists — which a GPU's tensor cores do not notice (the
+GEMMs took 0.4 of a forward's 6.0 ms of GPU time on an H100), and a CPU does (README). Memory:
+the gathered matrix is N * 27 * C_in values (plus, in the "gather" mode, its int64 element
+index); `max_gather_mb` splits it into row chunks.
 """
 
 from __future__ import annotations
@@ -125,33 +126,37 @@ class LevelMaps:
     slot: torch.Tensor | None = None         # (N,)
 
 
-GATHER_MODES = ("index_select", "index", "wide")
+GATHER_MODES = ("index_select", "gather")
 DEFAULT_GATHER = "index_select"
 _WIDE = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint8)   # widest first
+
+
+def _wide(row_bytes: int) -> torch.dtype:
+    """The widest element type that divides a row of `row_bytes` bytes."""
+    return next(w for w in _WIDE if row_bytes % w.itemsize == 0)
 
 
 def gather_rows(fp: torch.Tensor, index: torch.Tensor, mode: str = DEFAULT_GATHER) -> torch.Tensor:
     """fp[index]: the rows of the (R, C) matrix `fp` at the flat int64 `index`, (len, C).
 
-    Why three ways: torch's `index_select` of rows runs one CUDA block (one warp) per index,
-    and a 32-channel fp16 row is 64 bytes, i.e. 4 of the warp's 32 threads copy anything; at
-    27 indices per voxel the H100 profile shows these gathers as ~80% of the forward's GPU
-    time (`tools/profile_gpu.py`). Advanced indexing (`index`) runs one thread per output
-    element instead, and `wide` does the same over each row viewed as the widest element
-    type that divides it (16 bytes for a row of 8k fp16 values): the same bytes in fewer,
-    wider copies. All three copy bits, so they give identical results."""
+    Why two ways: torch (2.11) copies rows for `index_select`, and for `fp[index]` too, with
+    a kernel that runs one CUDA block per index; a 32-channel fp16 row is 64 bytes, so 4
+    threads of the block copy anything. On the H100 (2026-11-26, `tools/profile_gpu.py`)
+    the 41 conv gathers of an `anovox_mono` forward (8.6M indices) took 4.9 of its 6.0 ms of
+    GPU time, ~119 us each; viewing the rows as 16-byte elements did not change the kernel.
+    `gather` views each row as the widest element type that divides it (16 bytes for 8k
+    fp16 values) and copies with `torch.gather` over an explicit (len, elements) index, whose
+    kernel runs one thread per element. Its price: that index, 8 bytes per element, is
+    written and read once per gather. Both copy bits: the results are identical."""
     if mode == "index_select":
         return torch.index_select(fp, 0, index)
-    if mode == "index":
-        return fp[index]
-    if mode != "wide":
+    if mode != "gather":
         raise SparseADError(f"gather_gemm: gather mode must be one of {GATHER_MODES}, found {mode!r}")
-    row_bytes = fp.shape[1] * fp.element_size()
-    if fp.is_contiguous():
-        for wide in _WIDE:
-            if row_bytes % wide.itemsize == 0 and (fp.storage_offset() * fp.element_size()) % wide.itemsize == 0:
-                return fp.view(wide)[index].view(fp.dtype)
-    return fp[index]
+    src, wide = fp, _wide(fp.shape[1] * fp.element_size())
+    if fp.is_contiguous() and (fp.storage_offset() * fp.element_size()) % wide.itemsize == 0:
+        src = fp.view(wide)
+    cols = torch.gather(src, 0, index[:, None].expand(-1, src.shape[1]).contiguous())
+    return cols.view(fp.dtype) if src is not fp else cols
 
 
 def _padded(rows: int, cols: int, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -246,8 +251,10 @@ class GatherGemmUNet(nn.Module):
         return super().train(False)
 
     def _rows(self, taps: int, cin: int) -> int:
-        """Rows per gathered chunk under the memory cap."""
-        return max(1, self.max_gather_bytes // (taps * cin * torch.finfo(self.dtype).bits // 8))
+        """Rows per gathered chunk under the memory cap (the "gather" mode's index counted)."""
+        row_bytes = cin * torch.finfo(self.dtype).bits // 8
+        index_bytes = row_bytes // _wide(row_bytes).itemsize * 8 if self.gather == "gather" else 0
+        return max(1, self.max_gather_bytes // (taps * (row_bytes + index_bytes)))
 
     def plan(self, idx: torch.Tensor, spatial_shape, rows=None) -> list[LevelMaps]:
         """Every level's maps for voxel rows `idx` [b, x, y, z] (the host syncs are here).

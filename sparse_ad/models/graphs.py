@@ -1,8 +1,10 @@
 """The gather_gemm engine's convs replayed from CUDA graphs: one launch from the host per frame.
 
 Why: even as plain torch ops (`gather_gemm.py`) a forward is ~250 conv launches, each
-costing the host a few microseconds to issue, while the GPU's share is ~1.6 ms (README,
-H100 profile). A CUDA graph captures the launches once and replays them with one call.
+costing the host a few microseconds to issue. A CUDA graph captures the launches once and
+replays them with one call. Measured on an H100 (2026-11-26, README): it captured and
+replayed correctly, but gained nothing yet, because the eager forward's 6.0 ms of GPU time
+(4.9 of it torch's one-block-per-row gathers, see `gather_rows`) is what a replay waits for.
 
 A graph has fixed shapes and addresses, a frame's voxel counts do not. So each level's row
 count is rounded up (`level_rows`: the full-resolution level to a `bucket`, at most 1/8 more
