@@ -49,8 +49,9 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
                    help="mirrored copies averaged per voxel (test-time augmentation); default: the checkpoint's "
                         "model.test_views, the count its threshold was calibrated with")
     p.add_argument("--engine", choices=INFERENCE_ENGINES,
-                   help="how the folded U-Net runs its convs: spconv's kernels, or gather_gemm (plain torch "
-                        f"gather + GEMM; far fewer host calls per conv, more arithmetic: see README); default: "
+                   help="how the folded U-Net runs its convs: spconv's kernels, gather_gemm (plain torch "
+                        "gather + GEMM; far fewer host calls per conv, more arithmetic), or gather_gemm_graphs "
+                        f"(those convs replayed from CUDA graphs; CUDA only); see README; default: "
                         f"{', '.join(f'{v} on {k}' for k, v in DEFAULT_ENGINE.items())}")
     p.add_argument("--batch-size", type=int,
                    help="frames per forward pass; default: the checkpoint's train.batch_size (as validation scored)")
