@@ -76,16 +76,16 @@ def _skip_rank(rank: int, world: int, port: int, out: str, max_skip: float) -> N
     rt = Runtime(device=torch.device("cpu"), grid=None, amp=False, rank=rank, world_size=world, train_set=None,
                  val_set=None, max_skip_fraction=max_skip)
     rt.frames_seen, rt.skipped_total = 3, int(rank == 1)
-    printed, verdict = io.StringIO(), "ok"
+    printed, verdict, skipped = io.StringIO(), "ok", None
     try:
         with contextlib.redirect_stdout(printed):
-            rt.check_skipped()
+            skipped = rt.check_skipped()
     except SparseADError:
         verdict = "failed"
     finally:
         torch.distributed.destroy_process_group()
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({"printed": printed.getvalue(), "verdict": verdict,
-                                                            "skipped": rt.skipped_total}))
+                                                            "skipped": skipped}))
 
 
 @pytest.mark.parametrize("max_skip", [0.5, 0.1])
@@ -96,5 +96,56 @@ def test_skipped_frames_are_counted_over_all_ranks(tmp_path, max_skip):
     torch.multiprocessing.spawn(_skip_rank, args=(2, _free_port(), str(tmp_path), max_skip), nprocs=2)
     r = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     assert "1 of 6 frame loads skipped" in r[0]["printed"] and r[1]["printed"] == ""
-    assert [x["skipped"] for x in r] == [1, 1]
     assert [x["verdict"] for x in r] == (["ok", "ok"] if max_skip == 0.5 else ["failed", "failed"])
+    assert [x["skipped"] for x in r] == ([1, 1] if max_skip == 0.5 else [None, None])
+
+
+def _count_rank(rank: int, world: int, port: int, out: str, fail_on: int) -> None:
+    """class_counts with a stand-in per-rank count: rank r counts [5 + r, r]."""
+    from types import SimpleNamespace
+
+    from sparse_ad.config import load_config
+    from sparse_ad.engine import checkpoint as ckpt
+    from sparse_ad.engine.runtime import Runtime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    frames = [SimpleNamespace(name=f"f{i}") for i in range(5)]
+    rt = Runtime(device=torch.device("cpu"), grid=None, amp=False, rank=rank, world_size=world,
+                 train_set=SimpleNamespace(frames=frames), val_set=None)
+    seen = []
+
+    def count(cfg, rt, share):
+        seen.append([f.name for f in share])
+        if rank == fail_on:
+            raise OSError("disk gone")
+        return [5 + rank, rank]
+
+    ckpt._count_targets = count
+    result = {}
+    try:
+        result["counts"] = ckpt.class_counts(load_config(None, []), rt, Path(out))
+        result["again"] = ckpt.class_counts(load_config(None, []), rt, Path(out))   # from the cache
+    except Exception as e:   # noqa: BLE001
+        result["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        torch.distributed.destroy_process_group()
+    result["shares"] = seen
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.parametrize("fail_on", [-1, 1])
+def test_class_counts_are_shared_out_summed_and_fail_together(tmp_path, fail_on):
+    """Each rank counts every 2nd frame and all get the sum (rank 0 alone counting kept the
+    others in a collective for the whole pass); the cache is read on the second call; a rank
+    that fails makes the other fail too, with a pointer to the error."""
+    torch.multiprocessing.spawn(_count_rank, args=(2, _free_port(), str(tmp_path), fail_on), nprocs=2)
+    r = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert [x["shares"] for x in r] == [[["f0", "f2", "f4"]], [["f1", "f3"]]]   # once each: the 2nd call is cached
+    if fail_on < 0:
+        assert r[0]["counts"] == r[1]["counts"] == r[0]["again"] == r[1]["again"] == [11, 1]
+        assert len(list(tmp_path.glob("class_counts_*.json"))) == 1
+    else:
+        assert r[1]["error"] == "OSError: disk gone"
+        assert r[0]["error"].startswith("SparseADError: counting the training split's classes failed in another")
+        assert not list(tmp_path.glob("class_counts_*.json"))

@@ -117,32 +117,60 @@ def class_counts(cfg: Config, rt, cache_dir: Path) -> list[int]:
 
     One pass over the unaugmented training frames through the loader workers (reading is
     the slow part: ~65-80 frames/s of 87k points per process on this project's CPU machine).
-    Cached in the run directory, not beside the data: a mounted split is often read-only."""
-    from torch.utils.data import DataLoader
-
-    from sparse_ad.data.batch import collate, voxelize_batch
-    from sparse_ad.data.dataset import FrameDataset
-
+    Cached in the run directory, not beside the data: a mounted split is often read-only.
+    Under DDP rank 0 reads the cache and tells the others; on a miss each rank counts every
+    world_size-th frame and the counts are summed, so no rank waits in a collective for the
+    whole pass (NCCL gives up after 10 minutes), and a rank that fails makes all of them fail
+    (its own error there, a pointer to it elsewhere). Rank 0 writes the cache."""
     names = [r.name for r in rt.train_set.frames]
     resolved = config_to_dict(cfg)
     key = json.dumps([names, resolved["grid"], resolved["labels"], cfg.data.sensor, resolved["transform"],
                       cfg.data.sweeps])
     path = Path(cache_dir) / f"class_counts_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-    if path.exists():
-        try:
-            return [int(v) for v in json.loads(path.read_text())["counts"]]
-        except (ValueError, KeyError, TypeError):
-            pass  # recount below
-    plain = FrameDataset(rt.train_set.frames, cfg, train=False)
+    cached = rt.broadcast(_cached_counts(path) if rt.is_main else None)
+    if cached is not None:
+        return cached
+    error, counts = None, [0, 0]
+    try:
+        counts = _count_targets(cfg, rt, rt.train_set.frames[rt.rank::rt.world_size])
+    except Exception as e:   # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+        error = e
+    if rt.any_rank(error is not None)[0]:
+        if error is not None:
+            raise error
+        raise SparseADError("counting the training split's classes failed in another process; its error "
+                            "is printed above")
+    counts = rt.sum_over_ranks(counts)
+    if rt.is_main:
+        atomic_write_text(path, json.dumps({"counts": counts, "frames": len(names)}))
+    return counts
+
+
+def _cached_counts(path: Path) -> list[int] | None:
+    if not path.exists():
+        return None
+    try:
+        return [int(v) for v in json.loads(path.read_text())["counts"]]
+    except (ValueError, KeyError, TypeError):
+        return None   # recounted
+
+
+def _count_targets(cfg: Config, rt, frames) -> list[int]:
+    """[normal, anomaly] target voxels of `frames`, unaugmented."""
+    from torch.utils.data import DataLoader
+
+    from sparse_ad.data.batch import collate, voxelize_batch
+    from sparse_ad.data.dataset import FrameDataset
+
     counts = np.zeros(2, np.int64)
-    for batch in DataLoader(plain, batch_size=1, num_workers=cfg.data.num_workers, collate_fn=collate):
+    for batch in DataLoader(FrameDataset(frames, cfg, train=False), batch_size=1, num_workers=cfg.data.num_workers,
+                            collate_fn=collate):
         rt.note_batch(batch)
         if len(batch) == 0:
             continue
         vb = voxelize_batch(batch, rt.grid, torch.device("cpu"))
         t = vb.targets[vb.valid]
         counts += [int((t == 0).sum()), int((t == 1).sum())]
-    atomic_write_text(path, json.dumps({"counts": counts.tolist(), "frames": len(names)}))
     return counts.tolist()
 
 
@@ -208,8 +236,8 @@ def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
         counts = list(ck["class_counts"])
         if rt.is_main:
             print(f"resuming from {last} (epoch {ck['epoch']}, step {ck['step_in_epoch']} of the next epoch)")
-    else:   # counted by rank 0 alone: ranks counting at once raced to the same cache file
-        counts = rt.broadcast(class_counts(cfg, rt, run_dir) if rt.is_main else None)
+    else:
+        counts = class_counts(cfg, rt, run_dir)
     loss_fn = build_loss(cfg.loss, counts)
     if ck is None:
         if rt.is_main:

@@ -57,25 +57,32 @@ class Runtime:
                 self._skipped_examples.append(m)
                 warnings.warn(f"skipping frame: {m}", stacklevel=2)
 
-    def check_skipped(self) -> None:
-        """Report skipped frames; fail when more than data.max_skip_fraction were skipped.
+    def check_skipped(self) -> int:
+        """Report skipped frames (returns their number); fail when more than
+        data.max_skip_fraction were skipped.
         Under DDP the counts are summed over the ranks first (every rank calls this at the same
         point), so rank 0 reports frames another rank skipped and all ranks fail together: a
         rank failing alone would leave the others waiting in their next collective."""
-        if self.distributed:
-            t = torch.tensor([self.skipped_total, self.frames_seen], dtype=torch.int64, device=self.device)
-            torch.distributed.all_reduce(t)
-            self.skipped_total, self.frames_seen = (int(v) for v in t.tolist())
-        if not self.skipped_total:
-            return
-        share = self.skipped_total / max(self.frames_seen, 1)
+        skipped, seen = self.sum_over_ranks([self.skipped_total, self.frames_seen])
+        if not skipped:
+            return 0
+        share = skipped / max(seen, 1)
         if self.is_main:
             first = (f"; first: {self._skipped_examples[0]}" if self._skipped_examples
                      else " (on other processes; their warnings name the files)")
-            print(f"{self.skipped_total} of {self.frames_seen} frame loads skipped ({share:.1%}){first}")
+            print(f"{skipped} of {seen} frame loads skipped ({share:.1%}){first}")
         if share > self.max_skip_fraction:
             raise SparseADError(f"{share:.1%} of frame loads failed, more than data.max_skip_fraction="
                                 f"{self.max_skip_fraction}; fix or remove the broken files listed above")
+        return skipped
+
+    def sum_over_ranks(self, values: list[int]) -> list[int]:
+        """Whole numbers summed over the ranks (one small all-reduce under DDP)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return [int(v) for v in t.tolist()]
 
     def any_rank(self, *flags: bool) -> tuple[bool, ...]:
         """Each flag: whether it is set on any rank (one small all-reduce under DDP), for the

@@ -38,6 +38,10 @@ from sparse_ad.io import atomic_write_text
 
 @dataclass
 class StepStats:
+    """One epoch's training steps as this process saw them (under DDP history.json records
+    rank 0's: its mean loss and its own failed frame loads; summary.json's skipped_frames is
+    the total over all ranks and the class count)."""
+
     loss: float = 0.0
     steps: int = 0
     skipped_steps: int = 0     # not trained on: non-finite loss or gradients (AMP), or no voxel in the batch
@@ -278,13 +282,13 @@ def _record_epoch(cfg, rt, run_dir, state, sched, epoch, stats, metrics, writer)
 
 
 def _finish(cfg, rt, run_dir, state) -> dict:
-    rt.check_skipped()
+    skipped = rt.check_skipped()
     if not rt.is_main:
         return {}
     best = next((h for h in state.history if h["epoch"] == state.best_epoch), state.history[-1] if state.history
                 else None)
     summary = {"best_epoch": state.best_epoch, "epochs": state.epoch, "best": best,
-               "skipped_frames": rt.skipped_total, "run_dir": str(run_dir),
+               "skipped_frames": skipped, "run_dir": str(run_dir),
                "files": {"last": str(run_dir / "last.pt"), "best": str(run_dir / "best.pt"),
                          "config": str(run_dir / "config.yaml"), "history": str(run_dir / "history.json"),
                          "tensorboard": str(run_dir / "tb")},
