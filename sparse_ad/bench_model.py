@@ -139,7 +139,7 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         torch.cuda.reset_peak_memory_stats(dev)
     fused = fuse_for_inference(model.eval(), half=dev.type == "cuda")   # from the trained weights and BN stats
     gemm = fuse_for_inference(fused, engine="gather_gemm")
-    default = gemm if DEFAULT_ENGINE[dev.type] == "gather_gemm" else fused   # what `eval` runs here
+    default = fuse_for_inference(fused, engine=None)   # what `eval` runs on this device
     model.train()
     vox_part()
     a, b = unet_part(), unet_part(gemm)
@@ -150,25 +150,25 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
     if dev.type == "cuda":
         try:   # the first forward captures the graph; a failure must not cost the other numbers
             graphed = fuse_for_inference(fused, engine="gather_gemm_graphs")
-            results["graphs_max_abs_diff"] = float((a.float() - unet_part(graphed).float()).abs().max())
+            g = unet_part(graphed)
+            results["graphs_max_abs_diff"] = float((a.float() - g.float()).abs().max())
             stages.update({"inference_graphs": infer_graphs, "inference_unet_graphs": lambda: unet_part(graphed)})
         except Exception as e:   # noqa: BLE001 - a replay or comparison may fail in other ways too
             from sparse_ad.models.graphs import error_chain
 
             results["graphs_error"] = str(e) if isinstance(e, SparseADError) else error_chain(e)
             print(f"gather_gemm_graphs: {results['graphs_error']}")
-    from sparse_ad.models.gather_gemm import DEFAULT_GATHER, GATHER_MODES, GatherGemmUNet
-    from sparse_ad.models.graphs import GraphedGatherGemm
+    from sparse_ad.models.gather_gemm import DEFAULT_GATHER, GATHER_MODES
 
     for mode in GATHER_MODES:   # the other ways of gathering rows (`gather_rows`), each engine's whole path
         if mode == DEFAULT_GATHER:
             continue
-        nets = {"gather_gemm": GatherGemmUNet(fused, gather=mode)}
-        if "inference_graphs" in stages:
-            nets["graphs"] = GraphedGatherGemm(GatherGemmUNet(fused, gather=mode))
-        for eng, net in nets.items():
+        refs = {"gather_gemm": b, **({"graphs": g} if "inference_graphs" in stages else {})}
+        for eng, ref in refs.items():   # each against the same engine with the default gather
             try:   # the first forward of the graphed form captures; a failure must not cost the rest
-                results[f"equal_{eng}@{mode}"] = bool(torch.equal(b, unet_part(net)))   # bits, not closeness
+                net = fuse_for_inference(fused, engine="gather_gemm" if eng == "gather_gemm" else
+                                         "gather_gemm_graphs", gather=mode)
+                results[f"equal_{eng}@{mode}"] = bool(torch.equal(ref, unet_part(net)))   # the same values
                 stages[f"inference_{eng}@{mode}"] = lambda net=net: (vox_part(), unet_part(net))
             except Exception as e:   # noqa: BLE001
                 from sparse_ad.models.graphs import error_chain
@@ -198,7 +198,7 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         "gather_modes_ms_per_frame": {   # whole path per frame, {mode: {engine: ms}}
             mode: {eng: results.get(f"inference_{eng}@{mode}") for eng in ("gather_gemm", "graphs")}
             for mode in GATHER_MODES if mode != DEFAULT_GATHER},
-        "gather_modes_equal": {   # bit-equal to the default mode's probabilities, or the error
+        "gather_modes_equal": {   # the same probabilities as the default mode's (same engine), or the error
             f"{eng}@{mode}": results.get(f"equal_{eng}@{mode}", results.get(f"error_{eng}@{mode}"))
             for mode in GATHER_MODES if mode != DEFAULT_GATHER for eng in ("gather_gemm", "graphs")
             if f"equal_{eng}@{mode}" in results or f"error_{eng}@{mode}" in results},
@@ -264,7 +264,10 @@ def format_table(r: dict) -> str:
                ("  gather_gemm_graphs vs spconv, max |dp|", f"{r['graphs_max_abs_diff']:.1e}")]
               if r.get("inference_graphs_ms_per_frame") is not None else []),
             *[(f"  gather={mode}: gather_gemm / graphs, whole (ms)",
-               " / ".join("n/a" if ms is None else f"{ms:.1f}" for ms in by.values()))
+               " / ".join("n/a" if ms is None else f"{ms:.1f}" for ms in by.values())
+               + "  (same output: " + ", ".join(f"{k.split('@')[0]} {v}" for k, v in
+                                                (r.get("gather_modes_equal") or {}).items()
+                                                if k.endswith(f"@{mode}")) + ")")
               for mode, by in (r.get("gather_modes_ms_per_frame") or {}).items()],
             *([(f"  with {r['test_views']} test views, {r['eval_engine']} (ms)",
                 f"{r['inference_views_ms_per_frame']:.1f}")]

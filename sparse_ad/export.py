@@ -66,7 +66,8 @@ def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, de
                                  "split": split_fingerprint(split, cfg.data.sensor)},
                  "prediction files", has_output=any(out.glob("Scenario_*/VOXEL_GRID_*.npy")),
                  notes={"threshold": threshold,   # what eval-preds scores with by default:
-                        "transform": asdict(cfg.transform), "sensor": cfg.data.sensor})   # the checkpoint's
+                        "transform": asdict(cfg.transform), "sensor": cfg.data.sensor},   # the checkpoint's
+                 flags={"engine": "--engine", "views": "--views"})
     todo = [r for r in split.frames if not prediction_file(out, r).exists()]
     written = 0
     for ref, _, coords, scores in predict_frames(model, cfg, todo, dev, progress):

@@ -48,12 +48,14 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
 
 
 def claim_folder(folder: Path, marker: str, settings: dict, what: str, has_output: bool = False,
-                 notes: dict | None = None) -> None:
+                 notes: dict | None = None, flags: dict | None = None) -> None:
     """Record in `folder/marker` (JSON) the settings that `folder`'s resumable output is made
     with, or refuse to add to output made with other ones: a rerun with another grid,
     checkpoint or view count would otherwise keep the old files beside the new. `has_output`:
     the folder already holds output, so a missing marker means unknown settings (refused).
-    `notes`: recorded beside them for readers, not compared (they follow from the settings)."""
+    `notes`: recorded beside them for readers, not compared (they follow from the settings).
+    `flags`: the command-line option that sets a setting (e.g. engine: --engine): when only
+    such settings differ, the error says which options would add to the folder."""
     path = Path(folder) / marker
     if not path.exists():
         if has_output:
@@ -66,9 +68,12 @@ def claim_folder(folder: Path, marker: str, settings: dict, what: str, has_outpu
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: unreadable ({e}); delete it (it records how the {what} there were made) "
                           "or pick another --out") from None
-    changed = [f"{k} {have.get(k)!r} (now {v!r})" for k, v in settings.items() if have.get(k) != v]
-    if changed:
-        raise ConfigError(f"{folder}: holds {what} made with other settings: {'; '.join(changed)}; pick another "
+    keys = [k for k, v in settings.items() if have.get(k) != v]
+    if keys:
+        changed = "; ".join(f"{k} {have.get(k)!r} (now {settings[k]!r})" for k in keys)
+        same = (f"rerun with {' '.join(f'{flags[k]} {have[k]}' for k in keys)} to add to them, "
+                if flags and all(k in flags and k in have for k in keys) else "")
+        raise ConfigError(f"{folder}: holds {what} made with other settings: {changed}; {same}pick another "
                           "--out, or delete it to make them again")
 
 

@@ -219,8 +219,11 @@ def test_predict_resumes_only_with_the_settings_it_started_with(trained, tmp_pat
     assert predict_split(run / "best.pt", cfg.data.root, preds, progress=False) == 1
     views = 2 if cfg.model.test_views != 2 else 4
     with pytest.raises(ConfigError, match=rf"holds prediction files made with other settings: views "
-                                          rf"{cfg.model.test_views} \(now {views}\); pick another --out"):
+                                          rf"{cfg.model.test_views} \(now {views}\); rerun with --views "
+                                          rf"{cfg.model.test_views} to add to them, pick another --out"):
         predict_split(run / "best.pt", cfg.data.root, preds, progress=False, scoring=Scoring(views=views))
+    with pytest.raises(ConfigError, match=r"engine 'spconv' \(now 'gather_gemm'\); rerun with --engine spconv "):
+        predict_split(run / "best.pt", cfg.data.root, preds, progress=False, scoring=Scoring(engine="gather_gemm"))
     other = tmp_path / "other.pt"
     shutil.copy(run / "best.pt", other)
     with open(other, "ab") as f:

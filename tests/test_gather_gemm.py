@@ -71,7 +71,8 @@ def test_gather_rows_copies_exactly_the_indexed_rows(mode, cols, dtype):
     fp = torch.randn((41, cols), generator=gen).to(dtype)
     index = torch.randint(0, 41, (97,), generator=gen)
     odd = torch.randn(41 * cols + 1, generator=gen).to(dtype)[1:].view(41, cols)   # starts mid-element-width
-    for src in (fp, fp[1:], odd, fp[:, :-1] if cols > 1 else fp):   # offset storage; non-contiguous
+    one = torch.randn(1, cols + 2, generator=gen).to(dtype)[:, :cols]   # "contiguous", rows 2 values apart
+    for src in (fp, fp[1:], odd, one, fp[:, :-1] if cols > 1 else fp):   # offset storage; non-contiguous
         i = index.clamp(max=src.shape[0] - 1)
         out = gather_rows(src, i, mode)
         assert out.dtype == src.dtype and out.shape == (len(i), src.shape[1])

@@ -136,6 +136,12 @@ def _wide(row_bytes: int) -> torch.dtype:
     return next(w for w in _WIDE if row_bytes % w.itemsize == 0)
 
 
+def check_gather_mode(mode: str) -> str:
+    if mode not in GATHER_MODES:
+        raise SparseADError(f"gather_gemm: gather mode must be one of {GATHER_MODES}, found {mode!r}")
+    return mode
+
+
 def gather_rows(fp: torch.Tensor, index: torch.Tensor, mode: str = DEFAULT_GATHER) -> torch.Tensor:
     """fp[index]: the rows of the (R, C) matrix `fp` at the flat int64 `index`, (len, C).
 
@@ -148,12 +154,11 @@ def gather_rows(fp: torch.Tensor, index: torch.Tensor, mode: str = DEFAULT_GATHE
     fp16 values) and copies with `torch.gather` over an explicit (len, elements) index, whose
     kernel runs one thread per element. Its price: that index, 8 bytes per element, is
     written and read once per gather. Both copy bits: the results are identical."""
-    if mode == "index_select":
+    if check_gather_mode(mode) == "index_select":
         return torch.index_select(fp, 0, index)
-    if mode != "gather":
-        raise SparseADError(f"gather_gemm: gather mode must be one of {GATHER_MODES}, found {mode!r}")
-    src, wide = fp, _wide(fp.shape[1] * fp.element_size())
-    if fp.is_contiguous() and (fp.storage_offset() * fp.element_size()) % wide.itemsize == 0:
+    src, wide, size = fp, _wide(fp.shape[1] * fp.element_size()), fp.element_size()
+    if fp.stride(1) == 1 and (fp.stride(0) * size) % wide.itemsize == 0 \
+            and (fp.storage_offset() * size) % wide.itemsize == 0:   # rows start on element bounds
         src = fp.view(wide)
     cols = torch.gather(src, 0, index[:, None].expand(-1, src.shape[1]).contiguous())
     return cols.view(fp.dtype) if src is not fp else cols
@@ -186,7 +191,7 @@ class GemmConv(nn.Module):
         self.register_buffer("bias", fused.bias.detach().clone())
         self.relu = fused.relu
         self.cout = cout
-        self.gather_mode = DEFAULT_GATHER   # `GatherGemmUNet(gather=...)` sets it on every conv
+        self.gather_mode = DEFAULT_GATHER   # set by `GatherGemmUNet.gather_mode` on every conv
 
     def gather(self, fp: torch.Tensor, table: torch.Tensor, max_rows: int) -> torch.Tensor:
         """Rows of `table` (M, taps) gathered from `fp`, times the weight, in row chunks."""
@@ -232,14 +237,9 @@ class GatherGemmUNet(nn.Module):
 
     def __init__(self, model: InferenceUNet, max_gather_mb: float = 512.0, gather: str = DEFAULT_GATHER):
         super().__init__()
-        if gather not in GATHER_MODES:
-            raise SparseADError(f"gather_gemm: gather mode must be one of {GATHER_MODES}, found {gather!r}")
         self.in_channels, self.stride, self.dtype = model.in_channels, model.stride, model.dtype
         copy_levels(self, model, GemmConv, GemmBlock)
-        self.gather = gather
-        for m in self.modules():
-            if isinstance(m, GemmConv):
-                m.gather_mode = gather
+        self.gather_mode = gather
         self.head, self.scene = model.head, model.scene
         self.max_gather_bytes = int(max_gather_mb * 2**20)
         self.requires_grad_(False)
@@ -250,10 +250,22 @@ class GatherGemmUNet(nn.Module):
             raise SparseADError("GatherGemmUNet is inference-only (BN is folded); train the SpUNet")
         return super().train(False)
 
+    @property
+    def gather_mode(self) -> str:
+        """How the convs gather rows (`gather_rows`); set here, it is set on every conv."""
+        return self.stem.gather_mode
+
+    @gather_mode.setter
+    def gather_mode(self, mode: str) -> None:
+        check_gather_mode(mode)
+        for m in self.modules():
+            if isinstance(m, GemmConv):
+                m.gather_mode = mode
+
     def _rows(self, taps: int, cin: int) -> int:
         """Rows per gathered chunk under the memory cap (the "gather" mode's index counted)."""
         row_bytes = cin * torch.finfo(self.dtype).bits // 8
-        index_bytes = row_bytes // _wide(row_bytes).itemsize * 8 if self.gather == "gather" else 0
+        index_bytes = row_bytes // _wide(row_bytes).itemsize * 8 if self.gather_mode == "gather" else 0
         return max(1, self.max_gather_bytes // (taps * (row_bytes + index_bytes)))
 
     def plan(self, idx: torch.Tensor, spatial_shape, rows=None) -> list[LevelMaps]:
