@@ -32,6 +32,9 @@ def _stop_flag_set_at_read(n: int):
     class Flag:
         reads, signum = 0, None
 
+        def __init__(self, escalate: bool = True):
+            pass
+
         def __enter__(self):
             return self
 
@@ -133,12 +136,31 @@ def test_broken_frames_are_skipped_counted_and_bounded(tiny_split, tmp_path, mon
     lidar[0].write_bytes(b"")  # truncated
     cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", "train.epochs=1",
                                             "data.max_skip_fraction=0.5", *TINY])
-    train(cfg, tmp_path / "ok")
+    summary = train(cfg, tmp_path / "ok")
     assert "frame loads skipped" in capsys.readouterr().out
+    assert summary["skipped_frames"] >= 1
+    assert train(cfg, tmp_path / "ok")["skipped_frames"] == summary["skipped_frames"]   # a rerun says so too
     cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", "train.epochs=1",
                                             "data.max_skip_fraction=0.0", *TINY])
     with pytest.raises(SparseADError, match="max_skip_fraction"):
         train(cfg, tmp_path / "strict")
+    with pytest.raises(SparseADError, match="max_skip_fraction"):   # and stays refused (it passed: 0 of 0)
+        train(cfg, tmp_path / "strict")
+
+
+def test_a_second_signal_gives_up_at_once_except_under_ddp():
+    """Under torchrun a rank gets two signals for one stop (the scheduler's and torchrun's
+    forwarded one): it must still save last.pt."""
+    from sparse_ad.engine.train import _StopFlag
+
+    alone, ddp = _StopFlag(), _StopFlag(escalate=False)
+    for flag in (alone, ddp):
+        flag._handle(signal.SIGTERM, None)
+        assert flag.set and flag.signum == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+        alone._handle(signal.SIGTERM, None)
+    ddp._handle(signal.SIGTERM, None)
+    assert ddp.set
 
 
 def test_nan_points_are_dropped_not_trained_on(tiny_split, tmp_path, monkeypatch):
@@ -393,4 +415,4 @@ def test_ddp_goes_on_when_one_rank_has_no_loadable_frame(tiny_split, tmp_path):
     # rank 1 alone reads it, when counting classes (its share: every 2nd frame) and in training;
     # rank 0 reports both (it reported only its own skips, i.e. none)
     assert re.search(r"^2 of \d+ frame loads skipped", r.stdout, re.M), r.stdout
-    assert [h["epoch"] for h in _history(run)] == [1]
+    assert [(h["epoch"], h["skipped_frames"]) for h in _history(run)] == [(1, 1)]   # rank 1's, in rank 0's file

@@ -47,6 +47,7 @@ class TrainState:
     ema: WeightAverage | None = None  # train.ema_decay > 0
     layout: dict = field(default_factory=dict)   # processes and steps per epoch (`check_layout`)
     minutes: float = 0.0              # wall time trained so far, over resumes (train.max_minutes)
+    skips: list = field(default_factory=lambda: [0, 0])   # frame loads skipped / tried, all ranks, all runs
 
     @property
     def bare_model(self) -> torch.nn.Module:
@@ -87,7 +88,7 @@ def save(path: Path, state: TrainState, sched, epoch: int, step_in_epoch: int, r
         "class_counts": list(state.class_counts), "history": state.history,
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "config": config_to_dict(rt.cfg), "layout": state.layout, "minutes": state.minutes,
+        "config": config_to_dict(rt.cfg), "layout": state.layout, "minutes": state.minutes, "skips": state.skips,
         "versions": versions(),
     }
     if state.ema is not None:  # "model" holds the average; resuming needs the raw weights too
@@ -265,6 +266,9 @@ def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
         state.scheduler_state = ck["scheduler"]
         state.layout = dict(ck.get("layout") or {})   # absent from checkpoints of older versions
         state.minutes = float(ck.get("minutes", 0.0))
+        state.skips = [int(v) for v in ck.get("skips", (0, 0))]
+        if rt.is_main:   # the runs before this one count once, on one rank (`Runtime.skip_totals`)
+            rt.skip_base = list(state.skips)
     return state
 
 

@@ -38,6 +38,7 @@ class Runtime:
     skipped_total: int = 0
     frames_seen: int = 0
     max_skip_fraction: float = 0.05
+    skip_base: list = field(default_factory=lambda: [0, 0])   # skipped / tried before a resume (rank 0)
     _skipped_examples: list = field(default_factory=list)
 
     @property
@@ -63,7 +64,7 @@ class Runtime:
         Under DDP the counts are summed over the ranks first (every rank calls this at the same
         point), so rank 0 reports frames another rank skipped and all ranks fail together: a
         rank failing alone would leave the others waiting in their next collective."""
-        skipped, seen = self.sum_over_ranks([self.skipped_total, self.frames_seen])
+        skipped, seen = self.skip_totals()
         if not skipped:
             return 0
         share = skipped / max(seen, 1)
@@ -75,6 +76,11 @@ class Runtime:
             raise SparseADError(f"{share:.1%} of frame loads failed, more than data.max_skip_fraction="
                                 f"{self.max_skip_fraction}; fix or remove the broken files listed above")
         return skipped
+
+    def skip_totals(self) -> list[int]:
+        """[skipped, tried] frame loads over all ranks and the runs a resume continues (a
+        collective under DDP: every rank calls it at the same point)."""
+        return self.sum_over_ranks([self.skipped_total + self.skip_base[0], self.frames_seen + self.skip_base[1]])
 
     def sum_over_ranks(self, values: list[int]) -> list[int]:
         """Whole numbers summed over the ranks (one small all-reduce under DDP)."""

@@ -38,15 +38,28 @@ from sparse_ad.io import atomic_write_text
 
 @dataclass
 class StepStats:
-    """One epoch's training steps as this process saw them (under DDP history.json records
-    rank 0's: its mean loss and its own failed frame loads; summary.json's skipped_frames is
-    the total over all ranks and the class count)."""
+    """One epoch's training steps as this process saw them; `over_ranks` sums them for the
+    history (skipped_steps are the same on every rank: a step is skipped by all or none)."""
 
     loss: float = 0.0
     steps: int = 0
     skipped_steps: int = 0     # not trained on: non-finite loss or gradients (AMP), or no voxel in the batch
     skipped_frames: int = 0    # frames that failed to load
     parts: dict[str, float] = field(default_factory=dict)   # summed loss terms, when there are several
+
+    def over_ranks(self, rt) -> StepStats:
+        """The sums over all ranks (one object all-gather under DDP; the loss terms' names may
+        differ on a rank that trained no step)."""
+        if not rt.distributed:
+            return self
+        every = [None] * rt.world_size
+        torch.distributed.all_gather_object(every, (self.loss, self.steps, self.skipped_frames, self.parts))
+        parts: dict[str, float] = {}
+        for _, _, _, p in every:
+            for k, v in p.items():
+                parts[k] = parts.get(k, 0.0) + v
+        return StepStats(loss=sum(e[0] for e in every), steps=sum(e[1] for e in every),
+                         skipped_steps=self.skipped_steps, skipped_frames=sum(e[2] for e in every), parts=parts)
 
     def add(self, loss: float, parts: dict[str, float]) -> None:
         self.loss += loss
@@ -58,11 +71,15 @@ class StepStats:
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves, and exits cleanly."""
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves, and exits cleanly. A second
+    signal gives up at once, except under DDP (`escalate=False`): there torchrun passes on the
+    signal a scheduler sent to the whole job, and stops every rank when one exits, so a rank gets
+    two signals for one stop; torchrun's own timeout (then SIGKILL) is the way to force it."""
 
-    def __init__(self):
+    def __init__(self, escalate: bool = True):
         self.set = False
         self.signum = None   # stays None when another rank was signalled (DDP)
+        self.escalate = escalate
         self._old = {}
 
     def __enter__(self):
@@ -72,7 +89,9 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         if self.set:  # second signal: give up at once
-            raise KeyboardInterrupt
+            if self.escalate:
+                raise KeyboardInterrupt
+            return
         self.set, self.signum = True, signum
         print(f"\nsignal {signum}: finishing the current step, then saving last.pt", file=sys.stderr)
 
@@ -121,7 +140,7 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
     def clock() -> None:   # the minutes so far, kept in the state that checkpoints save
         state.minutes = (time.monotonic() - start) / 60
 
-    with _StopFlag() as stop:
+    with _StopFlag(escalate=not rt.distributed) as stop:
         for epoch in range(state.epoch, cfg.train.epochs):
             clock()
             # an epoch a stop interrupted is finished first (it began within the budget); the
@@ -135,10 +154,11 @@ def _train(cfg: Config, run_dir: Path, rt: Runtime) -> dict:
                 rt.sampler.set_epoch(epoch)
             stats, stopped = _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer)
             clock()
-            if stopped:
-                state.epoch_stats = asdict(stats)   # the resumed epoch adds to these
+            if stopped:   # the resumed epoch adds to these stats (on rank 0: they are all ranks')
+                state.epoch_stats, state.skips = asdict(stats.over_ranks(rt)), rt.skip_totals()
                 ckpt.save(run_dir / "last.pt", state, sched, epoch=epoch, step_in_epoch=state.step_in_epoch,
                           rt=rt)
+                rt.any_rank(False)   # every rank waits for the save: torchrun stops the rest when one exits
                 _log(rt, f"stopped in epoch {epoch + 1} at step {state.step_in_epoch}; last.pt saved — run the "
                          "same command again to resume")
                 return {"stopped": True, "epoch": epoch, "signal": stop.signum or signal.SIGTERM}
@@ -158,7 +178,8 @@ def _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer) -> tuple[St
     from sparse_ad.io import progress_bar
 
     state.model.train()
-    stats = StepStats(**state.epoch_stats) if state.step_in_epoch else StepStats()   # resumed mid-epoch
+    resumed = state.step_in_epoch and rt.is_main   # the stopped part's stats: all ranks', kept on rank 0
+    stats = StepStats(**state.epoch_stats) if resumed else StepStats()
     first = state.step_in_epoch   # resumed mid-epoch: the steps before were done before the stop
     if first and rt.sampler is not None:
         rt.sampler.skip_next(first * cfg.train.batch_size)   # so their frames are not even loaded
@@ -168,20 +189,21 @@ def _train_epoch(cfg, rt, state, sched, loader, epoch, stop, writer) -> tuple[St
         # nothing loaded, or no point of the batch inside the grid: decided on all ranks together,
         # or those that go on wait forever in DDP's all-reduce
         vb = voxelize_batch(batch, rt.grid, rt.device) if len(batch) else None
-        empty, stopping = rt.any_rank(vb is None or len(vb.features) == 0, stop.set)
+        empty, stopping, loaded = rt.any_rank(vb is None or len(vb.features) == 0, stop.set, len(batch) > 0)
         if stopping:
             return stats, True
-        _train_one(cfg, rt, state, sched, batch, vb, stats, writer, bar, skip=empty)
+        _train_one(cfg, rt, state, sched, batch, vb, stats, writer, bar, skip=empty, loaded=loaded)
         state.step_in_epoch = step + 1
     return stats, rt.any_rank(stop.set)[0]   # a signal in the last step: stop before validating
 
 
-def _train_one(cfg, rt, state, sched, batch, vb, stats, writer, bar, skip: bool) -> None:
-    """One optimization step on a loaded batch, voxelized on the device (`vb`)."""
+def _train_one(cfg, rt, state, sched, batch, vb, stats, writer, bar, skip: bool, loaded: bool) -> None:
+    """One optimization step on a loaded batch, voxelized on the device (`vb`). `loaded`: some
+    rank loaded a frame of this step (a step of failed loads only is not a skipped step)."""
     stats.skipped_frames += len(batch.skipped)
     rt.note_batch(batch)
     if skip:   # nothing to learn from, here or (DDP) on another rank: all ranks skip the step
-        stats.skipped_steps += int(len(batch) > 0)   # loaded, but no voxel here or on another rank
+        stats.skipped_steps += int(loaded)   # loaded somewhere, but no voxel on any rank
         return
     loss, parts = _step(cfg, rt, state, vb)
     if loss is None:
@@ -233,7 +255,9 @@ def _step(cfg, rt, state, vb) -> tuple[float | None, dict]:
 
 
 def _record_epoch(cfg, rt, run_dir, state, sched, epoch, stats, metrics, writer) -> None:
-    """Collapse alarm, history, TensorBoard, last.pt and best.pt for one finished epoch."""
+    """Collapse alarm, history, TensorBoard, last.pt and best.pt for one finished epoch (every
+    rank calls it: the step stats and skip counts are summed over the ranks first)."""
+    stats, state.skips = stats.over_ranks(rt), rt.skip_totals()
     state.epoch = epoch + 1
     state.threshold = metrics["threshold"]
     score = selection_score(metrics, cfg.train.select_on)
