@@ -57,6 +57,9 @@ def add_study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_study(args) -> dict:
+    from sparse_ad.engine.runtime import refuse_ddp
+
+    refuse_ddp("study")
     base = load_config(args.config, args.overrides)
     if base.data.root:
         raise ConfigError(f"{args.config}: data.root is set; a quality study trains on synthetic splits "

@@ -138,3 +138,13 @@ def test_version(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert "sparse-ad" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["demo"], ["study", "--seeds", "0"]])
+def test_demo_and_study_refuse_torchrun(command, tmp_path, monkeypatch, capsys):
+    """Under torchrun every rank ran demo's / study's evaluation into the same files (and a
+    study's rank 1 crashed on train's empty non-main summary)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*command, "--run-dir" if command[0] == "demo" else "--out", str(tmp_path / "r")]) == 2
+    assert "runs in one process, not under torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -345,6 +345,16 @@ def test_a_config_refused_while_setting_up_leaves_no_empty_run_folder(tiny_split
     assert (tmp_path / "mine").is_dir()
 
 
+def test_only_rank_0_makes_the_run_folder(tiny_split, tmp_path, monkeypatch):
+    """Under torchrun another rank made the folder too, and could remake it after rank 0 had
+    removed it for a refused config (seen in 2 of 3 torchrun tries)."""
+    monkeypatch.setenv("RANK", "1")   # as rank 1 sees it (WORLD_SIZE unset: no process group needed)
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", "data.sweeps=2", *TINY])
+    with pytest.raises(ConfigError, match="set model.in_channels=7"):
+        train(cfg, tmp_path / "new" / "run")
+    assert not (tmp_path / "new").exists()
+
+
 def test_non_finite_loss_stops_with_step_frames_and_hint(tiny_split, tmp_path, monkeypatch):
     from sparse_ad.engine import checkpoint as ck_mod
 

@@ -244,7 +244,7 @@ def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
         if rt.is_main:
             print(f"class counts over the training split: {counts[0]} normal / {counts[1]} anomaly voxels "
                   f"({counts[1] / max(sum(counts), 1):.4%} anomalous){loss_fn.weight_note()}")
-        if counts[1] == 0:
+        if counts[1] == 0 and rt.is_main:   # once, not once per rank
             import warnings
 
             warnings.warn("no anomaly voxels in the training split: the model cannot learn anomalies",

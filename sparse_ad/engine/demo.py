@@ -14,8 +14,10 @@ from sparse_ad.config import Config
 
 def run_demo(cfg: Config, run_dir: Path) -> dict:
     from sparse_ad.engine.evaluate import evaluate_checkpoint
+    from sparse_ad.engine.runtime import refuse_ddp
     from sparse_ad.engine.train import train
 
+    refuse_ddp("demo")
     run_dir = Path(run_dir)
     summary = train(cfg, run_dir)
     if summary.get("stopped"):

@@ -221,6 +221,14 @@ def datasets(cfg: Config) -> tuple[FrameDataset, FrameDataset]:
     return FrameDataset(train, cfg, train=True), FrameDataset(val, cfg, train=False)
 
 
+def refuse_ddp(command: str) -> None:
+    """`command` trains and then evaluates in one process; under torchrun every rank would run
+    the evaluation and write the same files (only `train` is a DDP program)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"sparse-ad {command} runs in one process, not under torchrun; train with torchrun "
+                          "tools/train.py, then run sparse-ad eval on its best.pt")
+
+
 def setup_runtime(cfg: Config, run_dir: Path) -> Runtime:
     from sparse_ad.models.tta import check_views
 
@@ -236,8 +244,9 @@ def setup_runtime(cfg: Config, run_dir: Path) -> Runtime:
         # spconv's CPU kernels are many small GEMMs: extra threads mostly add contention
         torch.set_num_threads(cfg.train.cpu_threads)
     fresh = not Path(run_dir).exists()
-    try:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    try:   # rank 0 alone writes there; another rank making it could remake it after a refusal below
+        if rank == 0:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SparseADError(f"{run_dir}: cannot create the run directory ({e.strerror or e}); pick a writable "
                             "--run-dir") from None
