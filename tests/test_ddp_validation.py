@@ -149,3 +149,35 @@ def test_class_counts_are_shared_out_summed_and_fail_together(tmp_path, fail_on)
         assert r[1]["error"] == "OSError: disk gone"
         assert r[0]["error"].startswith("SparseADError: counting the training split's classes failed in another")
         assert not list(tmp_path.glob("class_counts_*.json"))
+
+
+def _split_rank(rank: int, world: int, port: int, out: str, differ: bool) -> None:
+    from types import SimpleNamespace
+
+    from sparse_ad.engine.runtime import Runtime, _check_same_split
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    names = ["a", "b", "c"] if not (differ and rank == 1) else ["a", "c"]   # rank 1 lost a scenario
+    frames = SimpleNamespace(frames=[SimpleNamespace(name=n) for n in names])
+    rt = Runtime(device=torch.device("cpu"), grid=None, amp=False, rank=rank, world_size=world, train_set=frames,
+                 val_set=SimpleNamespace(frames=[]), cfg=SimpleNamespace(data=SimpleNamespace(root="/split")))
+    try:
+        _check_same_split(rt)
+        verdict = "ok"
+    except Exception as e:   # noqa: BLE001
+        verdict = f"{type(e).__name__}: {e}"
+    finally:
+        torch.distributed.destroy_process_group()
+    (Path(out) / f"rank{rank}.txt").write_text(verdict)
+
+
+@pytest.mark.parametrize("differ", [False, True])
+def test_ranks_with_different_splits_all_stop(tmp_path, differ):
+    torch.multiprocessing.spawn(_split_rank, args=(2, _free_port(), str(tmp_path), differ), nprocs=2)
+    verdicts = [(tmp_path / f"rank{i}.txt").read_text() for i in range(2)]
+    if differ:
+        assert all(v.startswith("SparseADError: the processes built different train/validation splits from "
+                                "/split") for v in verdicts)
+    else:
+        assert verdicts == ["ok", "ok"]

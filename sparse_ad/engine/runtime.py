@@ -204,8 +204,9 @@ def _write_synthetic_split_once(cfg: Config, rank: int) -> None:
     if rank == 0:
         try:
             resolve_data_root(cfg)
-        except SparseADError as e:
-            error = [str(e)]
+        except Exception as e:   # any failure: the others must hear of it, not wait in the broadcast
+            error = [str(e) if isinstance(e, SparseADError) else f"writing the synthetic split failed on rank 0 "
+                     f"({type(e).__name__}: {e})"]
             torch.distributed.broadcast_object_list(error, src=0)
             raise
     torch.distributed.broadcast_object_list(error, src=0)
@@ -219,6 +220,23 @@ def datasets(cfg: Config) -> tuple[FrameDataset, FrameDataset]:
     split = open_split(resolve_data_root(cfg), cfg.data.sensor, need_gt=True)
     train, val = train_val_frames(split.frames, cfg)
     return FrameDataset(train, cfg, train=True), FrameDataset(val, cfg, train=False)
+
+
+def _check_same_split(rt: Runtime) -> None:
+    """Under DDP every rank builds the train/val split itself; one that read the split
+    differently (a file unreadable for a moment makes a scenario look normal-only) would run a
+    different number of steps and leave the others in a collective. Compared by a hash of
+    the frame names, against rank 0's."""
+    if not rt.distributed:
+        return
+    import hashlib
+
+    names = [f.name for f in rt.train_set.frames] + ["|"] + [f.name for f in rt.val_set.frames]
+    mine = hashlib.sha256("\n".join(names).encode()).hexdigest()
+    if rt.any_rank(rt.broadcast(mine) != mine)[0]:
+        raise SparseADError("the processes built different train/validation splits from "
+                            f"{rt.cfg.data.root or 'the synthetic split'}; check that every process reads the "
+                            "same files (a network file system still syncing?), then start again")
 
 
 def refuse_ddp(command: str) -> None:
@@ -261,6 +279,7 @@ def setup_runtime(cfg: Config, run_dir: Path) -> Runtime:
     rt = Runtime(device=device, grid=cfg.grid.build(), amp=cfg.train.amp and device.type == "cuda",
                  rank=rank, world_size=world, train_set=train_set, val_set=val_set, cfg=cfg,
                  max_skip_fraction=cfg.data.max_skip_fraction)
+    _check_same_split(rt)
     if rt.is_main:
         print(f"device {device} | {len(train_set)} train / {len(val_set)} val frames"
               + (f" | {world} processes" if world > 1 else ""))

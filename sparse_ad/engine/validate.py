@@ -117,7 +117,7 @@ def _weights_from_rank0(model) -> None:
 def validation_scorer(model, device: torch.device):
     """What validation scores with. On CUDA: what `eval` and `predict` run there — BN folded,
     real fp16, the CUDA `DEFAULT_ENGINE` (`fuse_for_inference`) — so the stored threshold is
-    calibrated on the numerics it will be applied to, at about half the latency of the
+    calibrated on the numerics it will be applied to, at well under the latency of the
     unfolded model under autocast (whose eval-mode convs run in fp32; README). On CPU the
     unfolded model itself: the folded fp32 one scores within ~1e-6 of it, and keeping it lets
     CPU runs reproduce recorded histories bit for bit."""
