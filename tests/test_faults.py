@@ -144,8 +144,31 @@ def test_broken_frames_are_skipped_counted_and_bounded(tiny_split, tmp_path, mon
                                             "data.max_skip_fraction=0.0", *TINY])
     with pytest.raises(SparseADError, match="max_skip_fraction"):
         train(cfg, tmp_path / "strict")
-    with pytest.raises(SparseADError, match="max_skip_fraction"):   # and stays refused (it passed: 0 of 0)
+    with pytest.raises(SparseADError, match="train into a new --run-dir"):   # stays refused (it passed: 0 of 0)
         train(cfg, tmp_path / "strict")
+    assert "by an earlier run into this folder" in capsys.readouterr().out
+
+
+class _Pgid(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return os.getpgid(0)
+
+
+def test_training_loader_workers_leave_the_ranks_process_group_under_torchrun(monkeypatch):
+    """torchrun passes a stop signal on to a rank's process group; the workers in it died (torch
+    takes a SIGTERM its parent did not send for a crash) and the rank with them, unsaved."""
+    from torch.utils.data import DataLoader
+
+    from sparse_ad.engine.runtime import loader_worker_init
+
+    assert loader_worker_init() is None                   # one process: workers stay as they were
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    pgids = list(DataLoader(_Pgid(), batch_size=None, num_workers=1, worker_init_fn=loader_worker_init(),
+                            multiprocessing_context="fork"))
+    assert len(pgids) == 2 and os.getpgid(0) not in pgids
 
 
 def test_a_second_signal_gives_up_at_once_except_under_ddp():

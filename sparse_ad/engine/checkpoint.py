@@ -162,10 +162,11 @@ def _count_targets(cfg: Config, rt, frames) -> list[int]:
 
     from sparse_ad.data.batch import collate, voxelize_batch
     from sparse_ad.data.dataset import FrameDataset
+    from sparse_ad.engine.runtime import loader_worker_init
 
     counts = np.zeros(2, np.int64)
     for batch in DataLoader(FrameDataset(frames, cfg, train=False), batch_size=1, num_workers=cfg.data.num_workers,
-                            collate_fn=collate):
+                            collate_fn=collate, worker_init_fn=loader_worker_init()):
         rt.note_batch(batch)
         if len(batch) == 0:
             continue

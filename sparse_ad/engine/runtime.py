@@ -68,13 +68,17 @@ class Runtime:
         if not skipped:
             return 0
         share = skipped / max(seen, 1)
+        earlier = self.skip_base[0] > 0   # counted by a run this one resumes
         if self.is_main:
             first = (f"; first: {self._skipped_examples[0]}" if self._skipped_examples
+                     else " (by an earlier run into this folder; its log names the files)" if earlier
                      else " (on other processes; their warnings name the files)")
             print(f"{skipped} of {seen} frame loads skipped ({share:.1%}){first}")
         if share > self.max_skip_fraction:
+            fix = ("fix or remove the broken files, then train into a new --run-dir (this one keeps their count)"
+                   if earlier else "fix or remove the broken files listed above")
             raise SparseADError(f"{share:.1%} of frame loads failed, more than data.max_skip_fraction="
-                                f"{self.max_skip_fraction}; fix or remove the broken files listed above")
+                                f"{self.max_skip_fraction}; {fix}")
         return skipped
 
     def skip_totals(self) -> list[int]:
@@ -239,6 +243,18 @@ def _check_same_split(rt: Runtime) -> None:
                             "same files (a network file system still syncing?), then start again")
 
 
+def _own_process_group(_worker_id: int) -> None:
+    os.setpgid(0, 0)
+
+
+def loader_worker_init():
+    """A DataLoader's `worker_init_fn` for a training process: under torchrun its workers leave
+    the rank's process group. torchrun passes a stop signal on to a rank's whole group, and torch
+    takes a SIGTERM to a worker that its parent did not send for a crash, so the rank died before
+    it could save last.pt (with data.num_workers > 0)."""
+    return _own_process_group if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+
 def refuse_ddp(command: str) -> None:
     """`command` trains and then evaluates in one process; under torchrun every rank would run
     the evaluation and write the same files (only `train` is a DDP program)."""
@@ -272,14 +288,14 @@ def setup_runtime(cfg: Config, run_dir: Path) -> Runtime:
         if world > 1 and not cfg.data.root:
             _write_synthetic_split_once(cfg, rank)
         train_set, val_set = datasets(cfg)
-    except SparseADError:
+        rt = Runtime(device=device, grid=cfg.grid.build(), amp=cfg.train.amp and device.type == "cuda",
+                     rank=rank, world_size=world, train_set=train_set, val_set=val_set, cfg=cfg,
+                     max_skip_fraction=cfg.data.max_skip_fraction)
+        _check_same_split(rt)
+    except Exception:
         if fresh and rank == 0 and not any(Path(run_dir).iterdir()):   # made for nothing: leave no empty folder
             Path(run_dir).rmdir()
         raise
-    rt = Runtime(device=device, grid=cfg.grid.build(), amp=cfg.train.amp and device.type == "cuda",
-                 rank=rank, world_size=world, train_set=train_set, val_set=val_set, cfg=cfg,
-                 max_skip_fraction=cfg.data.max_skip_fraction)
-    _check_same_split(rt)
     if rt.is_main:
         print(f"device {device} | {len(train_set)} train / {len(val_set)} val frames"
               + (f" | {world} processes" if world > 1 else ""))
@@ -303,6 +319,7 @@ def make_loader(dataset: FrameDataset, cfg: Config, rt: Runtime, shuffle: bool):
     workers = cfg.data.num_workers
     return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, shuffle=False,
                       num_workers=workers, collate_fn=collate, persistent_workers=False,
+                      worker_init_fn=loader_worker_init(),
                       pin_memory=rt.device.type == "cuda",
                       multiprocessing_context="fork" if workers and os.name == "posix" else None)
 

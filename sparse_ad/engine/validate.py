@@ -47,9 +47,10 @@ def scored_batches(model, dataset, cfg, grid, device: torch.device, amp: bool):
     from torch.utils.data import DataLoader
 
     from sparse_ad.data.batch import collate, voxelize_batch
+    from sparse_ad.engine.runtime import loader_worker_init
 
     loader = DataLoader(dataset, batch_size=max(1, cfg.train.batch_size), shuffle=False,
-                        num_workers=cfg.data.num_workers, collate_fn=collate)
+                        num_workers=cfg.data.num_workers, collate_fn=collate, worker_init_fn=loader_worker_init())
     for batch in loader:
         if len(batch) == 0:
             yield batch, None, None
