@@ -181,3 +181,66 @@ def test_ranks_with_different_splits_all_stop(tmp_path, differ):
                                 "/split") for v in verdicts)
     else:
         assert verdicts == ["ok", "ok"]
+
+
+def _train_rank(rank: int, world: int, port: int, split: str, run: str, stop_at: int) -> None:
+    """train() on one of 2 gloo ranks; with stop_at, rank 1 reads a stop signal from its
+    stop_at-th look at the flag on (the other rank hears of it through the per-step all-reduce)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), SPARSE_AD_NO_PROGRESS="1")
+    torch.set_num_threads(1)
+    from sparse_ad.config import load_config
+    from sparse_ad.engine import train as train_mod
+
+    if stop_at and rank == 1:
+        class Flag:
+            reads, signum = 0, None
+
+            def __init__(self, escalate=True):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            @property
+            def set(self):
+                Flag.reads += 1
+                return Flag.reads >= stop_at
+
+        train_mod._StopFlag = Flag
+    cfg = load_config(str(ROOT / "configs/demo.yaml"), [f"data.root={split}", *TINY, "train.batch_size=1",
+                                                         "train.epochs=2", "data.max_skip_fraction=0.5"])
+    summary = train_mod.train(cfg, Path(run))
+    (Path(run).parent / f"{Path(run).name}.rank{rank}.json").write_text(json.dumps(summary.get("skipped_frames")))
+
+
+def test_a_ddp_run_stopped_mid_epoch_and_resumed_records_what_an_uninterrupted_one_does(tiny_split, tmp_path):
+    """The stopped part's step stats are saved summed over the ranks and restored on rank 0
+    alone, and the skip totals once: neither lost nor counted twice (one broken frame)."""
+    from sparse_ad.config import load_config
+    from sparse_ad.engine.runtime import datasets
+
+    cfg = load_config(str(ROOT / "configs/demo.yaml"), [f"data.root={tiny_split}", *TINY])
+    ref = datasets(cfg)[0].frames[1]
+    next(ref.scenario.path.glob(f"LIDAR*/*_{ref.frame}.npy")).write_bytes(b"\x93NUMPY broken")
+
+    def run(name, stop_at=0):
+        torch.multiprocessing.spawn(_train_rank, args=(2, _free_port(), str(tiny_split), str(tmp_path / name),
+                                                       stop_at), nprocs=2)
+        return json.loads((tmp_path / f"{name}.rank0.json").read_text())
+
+    assert run("ref") >= 1
+    assert sum(h["skipped_frames"] for h in json.loads((tmp_path / "ref" / "history.json").read_text())) >= 1
+    run("run", stop_at=6)                                  # epoch 2, after its first step
+    stopped = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["step_in_epoch"]) == (1, 1)
+    resumed = run("run")
+    assert run("run") == resumed == json.loads((tmp_path / "ref.rank0.json").read_text())   # and a rerun
+    keys = ("epoch", "train_loss", "skipped_steps", "skipped_frames")
+    history = [json.loads((tmp_path / r / "history.json").read_text()) for r in ("ref", "run")]
+    assert [[h[k] for k in keys] for h in history[0]] == [[h[k] for k in keys] for h in history[1]]
+    done = [torch.load(tmp_path / r / "last.pt", weights_only=True)["skips"] for r in ("ref", "run")]
+    assert done[0] == done[1]
