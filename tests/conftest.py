@@ -100,3 +100,26 @@ def randomize_bn():
                 m.bias.data.copy_(torch.randn(c, generator=gen) * 0.5)
 
     return apply
+
+
+def stop_flag_set_at_read(n: int):
+    """A stand-in for train's `_StopFlag` (SIGINT/SIGTERM) that reads as set from its n-th read on."""
+
+    class Flag:
+        reads, signum = 0, None
+
+        def __init__(self, escalate: bool = True):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        @property
+        def set(self):
+            Flag.reads += 1
+            return Flag.reads >= n
+
+    return Flag

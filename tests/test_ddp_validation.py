@@ -193,24 +193,9 @@ def _train_rank(rank: int, world: int, port: int, split: str, run: str, stop_at:
     from sparse_ad.engine import train as train_mod
 
     if stop_at and rank == 1:
-        class Flag:
-            reads, signum = 0, None
+        from tests.conftest import stop_flag_set_at_read
 
-            def __init__(self, escalate=True):
-                pass
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                return False
-
-            @property
-            def set(self):
-                Flag.reads += 1
-                return Flag.reads >= stop_at
-
-        train_mod._StopFlag = Flag
+        train_mod._StopFlag = stop_flag_set_at_read(stop_at)
     cfg = load_config(str(ROOT / "configs/demo.yaml"), [f"data.root={split}", *TINY, "train.batch_size=1",
                                                          "train.epochs=2", "data.max_skip_fraction=0.5"])
     summary = train_mod.train(cfg, Path(run))

@@ -19,34 +19,11 @@ from sparse_ad.engine import checkpoint as ckpt
 from sparse_ad.engine.train import train
 from sparse_ad.errors import ConfigError, SparseADError
 from sparse_ad.io import atomic_save_npy
-from tests.conftest import MONO
+from tests.conftest import MONO, stop_flag_set_at_read
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.num_workers=0", "model.channels=[8,16]", "model.blocks_per_level=1", "train.batch_size=2",
         "data.val_fraction=0.5"]
-
-
-def _stop_flag_set_at_read(n: int):
-    """A stand-in for train's `_StopFlag` (SIGINT/SIGTERM) that reads as set from its n-th read on."""
-
-    class Flag:
-        reads, signum = 0, None
-
-        def __init__(self, escalate: bool = True):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        @property
-        def set(self):
-            Flag.reads += 1
-            return Flag.reads >= n
-
-    return Flag
 
 
 def _history(run: Path) -> list:
@@ -351,7 +328,7 @@ def test_the_time_budget_counts_across_resumes(tiny_split, tmp_path, monkeypatch
 
     cfg = load_config("configs/demo.yaml", [*over, "train.max_minutes=0.0001"])
     with monkeypatch.context() as m:
-        m.setattr(train_mod, "_StopFlag", _stop_flag_set_at_read(2))   # before step 1 of epoch 1
+        m.setattr(train_mod, "_StopFlag", stop_flag_set_at_read(2))   # before step 1 of epoch 1
         assert train(cfg, tmp_path / "stopped")["stopped"]
     train(cfg, tmp_path / "stopped")
     assert [h["epoch"] for h in _history(tmp_path / "stopped")] == [1] and (tmp_path / "stopped" / "best.pt").exists()
@@ -410,7 +387,7 @@ def test_a_stop_mid_epoch_resumes_to_the_same_history(tiny_split, tmp_path, monk
 
     with monkeypatch.context() as m:
         # stop.set is read before each step and after each epoch: 3 steps + 1, then 1 step of epoch 2
-        m.setattr(train_mod, "_StopFlag", _stop_flag_set_at_read(6))
+        m.setattr(train_mod, "_StopFlag", stop_flag_set_at_read(6))
         assert train(cfg, tmp_path / "run")["stopped"]
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step_in_epoch"] == 1
     from sparse_ad.data.dataset import FrameDataset
