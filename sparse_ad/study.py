@@ -182,6 +182,7 @@ def _one_seed(base, seed: int, test_root: Path, run_dir: Path) -> dict:
             raise ConfigError(f"{done}: unreadable; delete it to score the seed's finished run again (training "
                               "is not repeated)")
         _check_reusable(row, cfg, test_root, run_dir)
+        _warn_other_engine(row, run_dir)
         return _refresh(row, run_dir)
     start = time.monotonic()
     summary = train(cfg, run_dir)
@@ -193,7 +194,7 @@ def _one_seed(base, seed: int, test_root: Path, run_dir: Path) -> dict:
                                progress=False)
     row = {"seed": seed, "best_epoch": summary["best_epoch"], "epochs": summary["epochs"],
            "train_minutes": round(minutes, 2), "held_out": _scope(summary["best"]), "test": _scope(test),
-           "test_split": str(test_root)}
+           "test_split": str(test_root), "engine": test.get("engine")}
     atomic_write_text(done, json.dumps(row, indent=2))
     return row
 
@@ -213,6 +214,29 @@ def _check_reusable(row: dict, cfg, test_root: Path, run_dir: Path) -> None:
     if changed:
         raise ConfigError(f"{run_dir}: this finished seed was trained with {changed}; use another --out, or "
                           "delete that folder to train it again")
+
+
+def _warn_other_engine(row: dict, run_dir: Path) -> None:
+    """A finished seed scored with another inference engine than new seeds get here (the CUDA
+    default changed on 2026-11-26) is reused, with a warning: the engines agree up to fp16
+    rounding (~1e-4 in AUPR), which a seed-to-seed spread dwarfs, but the rows are not exact
+    peers."""
+    import warnings
+
+    import torch
+
+    from sparse_ad.config import DEFAULT_ENGINE
+
+    test = run_dir / "test" / "metrics.json"
+    try:
+        was = row.get("engine") or json.loads(test.read_text()).get("engine")
+    except (OSError, ValueError):
+        return
+    now = DEFAULT_ENGINE["cuda" if torch.cuda.is_available() else "cpu"]
+    if was and was != now:
+        warnings.warn(f"{run_dir}: this finished seed's test split was scored with the {was} engine, new seeds "
+                      f"here with {now} (equal up to fp16 rounding); delete {test.parent} and "
+                      f"{run_dir / 'study_row.json'} to score it again", stacklevel=2)
 
 
 def _refresh(row: dict, run_dir: Path) -> dict:

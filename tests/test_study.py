@@ -53,6 +53,15 @@ def test_study_trains_each_seed_scores_both_splits_and_reuses_finished_seeds(tmp
     refreshed = run_study(_args(tmp_path))
     assert refreshed["runs"] == result["runs"] and 0.0 < refreshed["runs"][1]["test"]["aupr_all"] <= 1.0
 
+    # a seed scored with another inference engine is reused, with a warning
+    assert {r["engine"] for r in result["runs"]} == {"spconv"}   # this CPU's default
+    row0 = tmp_path / "study" / "seed0" / "study_row.json"
+    kept = row0.read_text()
+    row0.write_text(kept.replace('"engine": "spconv"', '"engine": "gather_gemm"'))
+    with pytest.warns(UserWarning, match="scored with the gather_gemm engine, new seeds here with spconv"):
+        run_study(_args(tmp_path))
+    row0.write_text(kept)
+
     # ... but never under another recipe's or test split's name
     with pytest.raises(ConfigError, match=r"seed0: this finished seed was trained with optim.lr=0.003 \(now 0.01\)"):
         run_study(_args(tmp_path, "optim.lr=0.01"))
