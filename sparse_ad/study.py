@@ -223,16 +223,15 @@ def _warn_other_engine(row: dict, run_dir: Path) -> None:
     peers."""
     import warnings
 
-    import torch
-
-    from sparse_ad.config import DEFAULT_ENGINE
+    from sparse_ad.engine.evaluate import Scoring
+    from sparse_ad.engine.runtime import pick_device
 
     test = run_dir / "test" / "metrics.json"
     try:
         was = row.get("engine") or json.loads(test.read_text()).get("engine")
     except (OSError, ValueError):
         return
-    now = DEFAULT_ENGINE["cuda" if torch.cuda.is_available() else "cpu"]
+    now = Scoring().engine_on(pick_device("auto"))   # what `evaluate_checkpoint` scores new seeds with
     if was and was != now:
         warnings.warn(f"{run_dir}: this finished seed's test split was scored with the {was} engine, new seeds "
                       f"here with {now} (equal up to fp16 rounding); delete {test.parent} and "
