@@ -404,6 +404,9 @@ def test_bench_model_smoke():
     assert s["p10"] <= s["median"] == r["inference_ms_per_frame"] <= s["p90"]
     assert set(r["inference_spread_ms"]) >= {"inference_views", "inference_gather_gemm", "eval_batch"}
     assert r["gather_gemm_max_abs_diff"] < 1e-4 and r["graphs_error"] is None   # same probabilities (fp32)
+    assert set(r["gather_modes_max_abs_diff"]) == {"gather_gemm@gather", "gather_gemm@bag"}   # no graphs on CPU
+    assert all(d < 1e-4 for d in r["gather_modes_max_abs_diff"].values())
+    assert set(r["gather_modes_ms_per_frame"]) == {"gather", "bag"} and "gather=bag" in format_table(r)
     assert "training throughput" in format_table(r) and "with 4 test views" in format_table(r)
 
 

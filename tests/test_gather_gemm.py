@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparse_ad.errors import SparseADError
-from sparse_ad.models.gather_gemm import GATHER_MODES, GatherGemmUNet, gather_rows, subm_map
+from sparse_ad.models.gather_gemm import GATHER_MODES, ROW_MODES, GatherGemmUNet, Taps, gather_rows, subm_map
 from sparse_ad.models.inference import fuse_for_inference
 from sparse_ad.models.sparse_tensor import to_sparse_tensor
 from sparse_ad.models.spunet import SpUNet
@@ -63,7 +63,7 @@ def test_gather_gemm_equals_spconv(blocks, scene, shape, randomize_bn):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("cols", [1, 3, 6, 8, 12, 32])
-@pytest.mark.parametrize("mode", GATHER_MODES)
+@pytest.mark.parametrize("mode", ROW_MODES)
 def test_gather_rows_copies_exactly_the_indexed_rows(mode, cols, dtype):
     """Every mode, every row width (the wide mode views rows as 2-, 4-, 8- or 16-byte
     elements): bit-equal to fp[index], also on a slice that starts mid-row-width."""
@@ -80,18 +80,59 @@ def test_gather_rows_copies_exactly_the_indexed_rows(mode, cols, dtype):
                            src[i].contiguous().view(torch.int16 if dtype == torch.float16 else torch.int32))
 
 
-def test_every_gather_mode_gives_the_same_unet_output():
+def test_every_gather_mode_computes_spconvs_function(randomize_bn):
+    """Whole, in row chunks, in tap groups and one tap at a time (the memory caps): the row
+    modes copy bits, so unchunked their outputs are identical; "bag" sums per tap,
+    so it is equal to spconv's within float32 rounding, like the others."""
     torch.manual_seed(3)
-    fused = fuse_for_inference(SpUNet(6, 8, (8, 16, 24), blocks_per_level=1).eval())
+    model = SpUNet(6, 8, (8, 16, 24), blocks_per_level=1, scene_head=True).eval()
+    randomize_bn(model, torch.Generator().manual_seed(3))
+    fused = fuse_for_inference(model)
     x = _input(3, (16, 12, 8))
     with torch.no_grad():
-        outs = [GatherGemmUNet(fused, gather=m, max_gather_mb=mb)(x).voxel_logits
-                for m in GATHER_MODES for mb in (512.0, 0.01)]   # whole and in small row chunks
-    assert all(torch.equal(outs[0], o) for o in outs[1:])
+        ref = fused(x)
+        outs = {(m, mb): GatherGemmUNet(fused, gather=m, max_gather_mb=mb)(x)
+                for m in GATHER_MODES for mb in (512.0, 0.1, 0.01)}
+    # unchunked (a GEMM over fewer rows may round otherwise, and "gather" counts its index)
+    assert torch.equal(outs["index_select", 512.0].voxel_logits, outs["gather", 512.0].voxel_logits)
+    for o in outs.values():
+        assert _rel(o.voxel_logits, ref.voxel_logits) < 1e-5
+        assert _rel(o.scene_logits, ref.scene_logits) < 1e-5
+    assert not torch.equal(outs["bag", 512.0].voxel_logits, outs["gather", 512.0].voxel_logits)   # another sum
     with pytest.raises(SparseADError, match="gather mode"):
         GatherGemmUNet(fused, gather="rows")
     with pytest.raises(SparseADError, match="gather mode"):
-        gather_rows(x.features, torch.zeros(1, dtype=torch.int64), "rows")
+        gather_rows(x.features, torch.zeros(1, dtype=torch.int64), "bag")
+
+
+def test_bag_mode_weights_follow_the_mode(randomize_bn):
+    """The (in, taps * out) weights exist only in the "bag" mode, and switching a built net
+    into it and back gives that mode's outputs."""
+    fused = fuse_for_inference(SpUNet(6, 8, (8, 16), blocks_per_level=1).eval())
+    net = GatherGemmUNet(fused)
+    assert net.stem.bag_weight is None and "stem.bag_weight" not in net.state_dict()
+    x = _input(5, (16, 12, 8))
+    before = net(x).voxel_logits
+    net.gather_mode = "bag"
+    assert net.stem.bag_weight.shape == (6, 27 * 8) and net.up[0].bag_weight is None
+    assert torch.equal(net(x).voxel_logits, GatherGemmUNet(fused, gather="bag")(x).voxel_logits)
+    net.gather_mode = "index_select"
+    assert net.stem.bag_weight is None and torch.equal(net(x).voxel_logits, before)
+
+
+def test_bag_index_skips_absent_neighbours():
+    """Bags read Z = input @ all taps' weights, row `input_row * taps + tap`; an absent
+    neighbour, and the extra last row, only ever the padding index (so they are not read)."""
+    idx = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1], [0, 3, 3, 3]])
+    table = subm_map(idx, (4, 4, 4))                   # "no voxel" = 4
+    taps = Taps(table, "bag")
+    bags = taps.bags(4, 0, 27)
+    assert bags.shape == (5, 27) and (bags[4] == 4 * 27).all()
+    assert torch.equal(bags[:4] == 4 * 27, table == 4)
+    assert bags[0, 13] == 0 * 27 + 13 and bags[0, 22] == 1 * 27 + 22   # itself; (+1, 0, 0) is row 1
+    group = taps.bags(4, 20, 25)                         # taps 20..24: Z of those 5 taps only
+    assert torch.equal(group[:4], torch.where(table[:, 20:25] == 4, 20, table[:, 20:25] * 5 + torch.arange(5)))
+    assert taps.bags(4, 0, 27) is bags and taps.bags(4, 20, 25) is not group   # whole table kept, groups not
 
 
 def test_subm_map_finds_exactly_the_neighbours():
@@ -138,11 +179,13 @@ def test_half_precision_engine_runs_without_spconv_kernels(randomize_bn):
     half = fuse_for_inference(model, half=True, engine="gather_gemm")
     assert half.dtype == torch.float16 and half.stem.weight.dtype == torch.float16
     x = _input(4, (16, 12, 8))
-    with torch.no_grad():
-        a, b = ref(x), half(x)
-    assert b.voxel_logits.dtype == torch.float32 and b.scene_logits.dtype == torch.float32
-    assert 0 < _rel(b.voxel_logits, a.voxel_logits) < 5e-3
-    assert _rel(b.scene_logits, a.scene_logits) < 5e-3
+    for mode in GATHER_MODES:
+        half.gather_mode = mode
+        with torch.no_grad():
+            a, b = ref(x), half(x)
+        assert b.voxel_logits.dtype == torch.float32 and b.scene_logits.dtype == torch.float32
+        assert 0 < _rel(b.voxel_logits, a.voxel_logits) < 5e-3
+        assert _rel(b.scene_logits, a.scene_logits) < 5e-3
 
 
 @settings(max_examples=15, deadline=None, derandomize=True,
@@ -155,6 +198,7 @@ def test_property_equals_spconv_on_any_small_scene(data):
     shape = tuple(data.draw(st.integers(1, 12), label=f"axis{a}") for a in range(3))
     frames = data.draw(st.integers(1, 3), label="frames")
     seed = data.draw(st.integers(0, 2**16), label="seed")
+    mode = data.draw(st.sampled_from(GATHER_MODES), label="mode")
     rng = np.random.default_rng(seed)
     coords, batch = [], []
     for b in range(frames):
@@ -169,6 +213,6 @@ def test_property_equals_spconv_on_any_small_scene(data):
     model = SpUNet(6, 4, tuple(4 * (i + 1) for i in range(levels)), blocks_per_level=1, scene_head=True).eval()
     fused = fuse_for_inference(model)
     with torch.no_grad():
-        ref, out = fused(x), GatherGemmUNet(fused)(x)
+        ref, out = fused(x), GatherGemmUNet(fused, gather=mode)(x)
     assert _rel(out.voxel_logits, ref.voxel_logits) < 1e-5
     assert _rel(out.scene_logits, ref.scene_logits) < 1e-5

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from sparse_ad.errors import SparseADError
 from sparse_ad.models import graphs
-from sparse_ad.models.gather_gemm import GatherGemmUNet
+from sparse_ad.models.gather_gemm import GATHER_MODES, GatherGemmUNet
 from sparse_ad.models.graphs import GraphedGatherGemm, bucket, level_rows
 from sparse_ad.models.inference import fuse_for_inference, is_inference_model
 from sparse_ad.models.spunet import SpUNet
@@ -23,11 +23,11 @@ def _frame(seed, shape=(16, 12, 8), voxels=120, batch_size=1):
     return random_voxels(seed, shape, voxels, batch_size)
 
 
-def _nets(randomize_bn, blocks=1, scene=True, channels=(8, 16, 24)):
+def _nets(randomize_bn, blocks=1, scene=True, channels=(8, 16, 24), gather="index_select"):
     torch.manual_seed(blocks)
     model = SpUNet(6, 8, channels, blocks_per_level=blocks, scene_head=scene)
     randomize_bn(model, torch.Generator().manual_seed(blocks))
-    gemm = GatherGemmUNet(fuse_for_inference(model.eval()))
+    gemm = GatherGemmUNet(fuse_for_inference(model.eval()), gather=gather)
     return gemm, GraphedGatherGemm(gemm)
 
 
@@ -53,9 +53,10 @@ def test_coarse_levels_round_to_powers_of_two():
     assert len({tuple(level_rows(i, n) for i, n in enumerate(f)) for f in frames}) == 1
 
 
+@pytest.mark.parametrize("gather", GATHER_MODES)
 @pytest.mark.parametrize("blocks,scene", [(1, True), (2, False)])
-def test_graphed_buffers_give_the_same_rows(randomize_bn, blocks, scene):
-    gemm, graphed = _nets(randomize_bn, blocks, scene)
+def test_graphed_buffers_give_the_same_rows(randomize_bn, blocks, scene, gather):
+    gemm, graphed = _nets(randomize_bn, blocks, scene, gather=gather)
     for seed, voxels, frames in [(0, 120, 1), (1, 300, 2), (2, 97, 3)]:
         x = _frame(seed, voxels=voxels, batch_size=frames)
         ref, out = gemm(x), graphed(x)
@@ -66,10 +67,11 @@ def test_graphed_buffers_give_the_same_rows(randomize_bn, blocks, scene):
     assert len(graphed._signatures) == 3 and graphed.graphs == 0   # no graph off CUDA
 
 
-def test_stale_rows_of_a_larger_frame_do_not_leak(randomize_bn, monkeypatch):
+@pytest.mark.parametrize("gather", GATHER_MODES)
+def test_stale_rows_of_a_larger_frame_do_not_leak(randomize_bn, monkeypatch, gather):
     """Every level in one bucket: a small frame reuses the buffers a larger one filled."""
     monkeypatch.setattr(graphs, "level_rows", lambda level, n: 1024)
-    gemm, graphed = _nets(randomize_bn)
+    gemm, graphed = _nets(randomize_bn, gather=gather)
     big, small = _frame(5, voxels=600), _frame(6, voxels=150)
     graphed(big)
     out = graphed(small)
@@ -120,9 +122,10 @@ def test_property_same_rows_on_any_small_scene(data):
     seed = data.draw(st.integers(0, 2**16), label="seed")
     voxels = data.draw(st.integers(1, min(80, int(np.prod(shape)))), label="voxels")
     frames = data.draw(st.integers(1, 3), label="frames")
+    mode = data.draw(st.sampled_from(GATHER_MODES), label="mode")
     torch.manual_seed(seed)
     model = SpUNet(6, 4, tuple(4 * (i + 1) for i in range(levels)), blocks_per_level=1, scene_head=True)
-    gemm = GatherGemmUNet(fuse_for_inference(model.eval()))
+    gemm = GatherGemmUNet(fuse_for_inference(model.eval()), gather=mode)
     graphed = GraphedGatherGemm(gemm)
     for k in range(2):   # the second frame may reuse the first one's signature
         x = _frame(seed + k, shape, voxels, frames)

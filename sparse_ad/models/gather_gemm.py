@@ -3,11 +3,20 @@
 Why: on a GPU, one frame's U-Net is bound by the host, not the device — spconv spends
 ~0.13 ms of Python/C++ per conv call and syncs 13 times per forward, while the kernels
 themselves take ~1.7 ms (README, H100 profile). Here every kernel map is built once per
-level with a handful of torch ops, and a conv is four launches:
+level with a handful of torch ops, and a conv is a few launches, in one of three modes
+(`GATHER_MODES`; `GatherGemmUNet(gather=...)`):
 
-    rows of the input gathered by the map          →  (N, taps * C_in)
-    addmm with the folded weight (taps * C_in, C_out) and bias, written into the output
-    ReLU in place; the output's extra last row set to zero
+    "index_select", "gather": rows of the input gathered by the map  →  (N, taps * C_in),
+        then one addmm with the folded weight (taps * C_in, C_out) and the bias (the modes
+        differ only in the torch kernel that copies the rows, `gather_rows`)
+    "bag": GEMM first, Z = input @ (C_in, taps * C_out), then `embedding_bag` sums, per
+        output row, the rows of Z its present neighbours' taps select (`GemmConv._bags`)
+    ReLU in place
+
+Why three: the profile of the first ("index_select") found its row copies taking 4.9 of the
+6.0 ms of GPU time, in a torch kernel made for wide rows; the other two avoid that kernel in
+two different ways, and which is fastest is a measurement (`tools/bench_model.py` times all
+three), not an argument.
 
 Every feature matrix carries one extra, zero, last row (`_padded`): a map points there for
 "no voxel", so absent neighbours contribute nothing without a mask or a copy per conv.
@@ -34,9 +43,11 @@ the input's rows, as with spconv.
 The zero-row trick costs FLOPs for absent neighbours: on a synthetic 120k-point sweep a voxel
 has 8-9 of its 26 neighbours at every level (24088, 8722, 2662, 894, 316 voxels), so this does
 ~3x the arithmetic of spconv's pair lists — which a GPU's tensor cores do not notice (the
-GEMMs took 0.4 of a forward's 6.0 ms of GPU time on an H100), and a CPU does (README). Memory:
-the gathered matrix is N * 27 * C_in values (plus, in the "gather" mode, its int64 element
-index); `max_gather_mb` splits it into row chunks.
+GEMMs took 0.4 of a forward's 6.0 ms of GPU time on an H100), and a CPU does (README). The
+"bag" mode multiplies every tap too, but its sum reads only present neighbours. Memory: the
+gathered matrix is N * 27 * C_in values (plus, in the "gather" mode, its int64 element
+index), Z is (N + 1) * 27 * C_out; `max_gather_mb` splits the first into row chunks and the
+second into groups of taps.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ from dataclasses import dataclass
 import torch
 from spconv.constants import FILTER_HWIO
 from torch import nn
+from torch.nn import functional as F
 
 from sparse_ad.errors import SparseADError
 from sparse_ad.models.inference import FusedBlock, FusedConv, InferenceUNet, copy_levels
@@ -126,7 +138,8 @@ class LevelMaps:
     slot: torch.Tensor | None = None         # (N,)
 
 
-GATHER_MODES = ("index_select", "gather")
+GATHER_MODES = ("index_select", "gather", "bag")   # how a conv reads its neighbours (`GemmConv.conv`)
+ROW_MODES = GATHER_MODES[:2]                          # the ones that gather rows (`gather_rows`)
 DEFAULT_GATHER = "index_select"
 _WIDE = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint8)   # widest first
 
@@ -136,32 +149,90 @@ def _wide(row_bytes: int) -> torch.dtype:
     return next(w for w in _WIDE if row_bytes % w.itemsize == 0)
 
 
-def check_gather_mode(mode: str) -> str:
-    if mode not in GATHER_MODES:
-        raise SparseADError(f"gather_gemm: gather mode must be one of {GATHER_MODES}, found {mode!r}")
+def wide_view(fp: torch.Tensor) -> torch.Tensor:
+    """The (R, C) matrix `fp` with each row viewed as the widest elements that divide it (16
+    bytes for 8k fp16 values), or `fp` itself where its rows do not start on such bounds."""
+    size = fp.element_size()
+    wide = _wide(fp.shape[1] * size)
+    if fp.stride(1) == 1 and (fp.stride(0) * size) % wide.itemsize == 0 \
+            and (fp.storage_offset() * size) % wide.itemsize == 0:
+        return fp.view(wide)
+    return fp
+
+
+def element_index(index: torch.Tensor, width: int) -> torch.Tensor:
+    """(len, width) int64: `index` repeated along each row, the explicit index `torch.gather`
+    needs to copy whole rows. Materialized on purpose: a stride-0 (expanded) index sends
+    torch.gather to the same one-block-per-row kernel as `index_select`."""
+    return index[:, None].expand(-1, width).contiguous()
+
+
+def check_gather_mode(mode: str, modes: tuple[str, ...] = GATHER_MODES) -> str:
+    if mode not in modes:
+        raise SparseADError(f"gather_gemm: gather mode must be one of {modes}, found {mode!r}")
     return mode
 
 
 def gather_rows(fp: torch.Tensor, index: torch.Tensor, mode: str = DEFAULT_GATHER) -> torch.Tensor:
-    """fp[index]: the rows of the (R, C) matrix `fp` at the flat int64 `index`, (len, C).
+    """fp[index]: the rows of the (R, C) matrix `fp` at the flat int64 `index`, (len, C), by
+    one of the `ROW_MODES`. Both copy bits, so their results are identical; why there are two:
 
-    Why two ways: torch (2.11) copies rows for `index_select`, and for `fp[index]` too, with
-    a kernel that runs one CUDA block per index; a 32-channel fp16 row is 64 bytes, so 4
-    threads of the block copy anything. On the H100 (2026-11-26, `tools/profile_gpu.py`)
-    the 41 conv gathers of an `anovox_mono` forward (8.6M indices) took 4.9 of its 6.0 ms of
-    GPU time, ~119 us each; viewing the rows as 16-byte elements did not change the kernel.
-    `gather` views each row as the widest element type that divides it (16 bytes for 8k
-    fp16 values) and copies with `torch.gather` over an explicit (len, elements) index, whose
-    kernel runs one thread per element. Its price: that index, 8 bytes per element, is
-    written and read once per gather. Both copy bits: the results are identical."""
-    if check_gather_mode(mode) == "index_select":
+    * `index_select`: torch (2.11) copies rows for `index_select`, and for `fp[index]` too,
+      with a kernel that runs one CUDA block per index; a 32-channel fp16 row is 64 bytes, so
+      4 threads of the block copy anything. On the H100 (2026-11-26, `tools/profile_gpu.py`)
+      the 41 conv gathers of an `anovox_mono` forward (8.6M indices) took 4.9 of its 6.0 ms of
+      GPU time, ~119 us each; viewing the rows as 16-byte elements did not change the kernel.
+    * `gather`: `torch.gather` over the rows as their widest elements (`wide_view`) with an
+      explicit (len, elements) index (`element_index`), whose kernel runs one thread per
+      element. Its price: that index, 8 bytes per element, is read once per gather (and
+      written once per map and width, `Taps.elements`)."""
+    if check_gather_mode(mode, ROW_MODES) == "index_select":
         return torch.index_select(fp, 0, index)
-    src, wide, size = fp, _wide(fp.shape[1] * fp.element_size()), fp.element_size()
-    if fp.stride(1) == 1 and (fp.stride(0) * size) % wide.itemsize == 0 \
-            and (fp.storage_offset() * size) % wide.itemsize == 0:   # rows start on element bounds
-        src = fp.view(wide)
-    cols = torch.gather(src, 0, index[:, None].expand(-1, src.shape[1]).contiguous())
-    return cols.view(fp.dtype) if src is not fp else cols
+    src = wide_view(fp)
+    return torch.gather(src, 0, element_index(index, src.shape[1])).view(fp.dtype)
+
+
+class Taps:
+    """A map's (M, taps) table as the convs of one forward read it, in gather mode `mode`.
+
+    What a mode derives from the table is made once here and shared by every conv that reads
+    the same map (all the convs of a level): the "gather" mode's element index per row width,
+    the "bag" mode's bag index. A `Taps` lives for one `GatherGemmUNet.run` and is never kept:
+    a CUDA graph must recompute both from its static tables on every replay."""
+
+    def __init__(self, table: torch.Tensor, mode: str):
+        self.table, self.mode = table, mode
+        self.rows, self.taps = table.shape
+        self._made: dict[tuple, torch.Tensor] = {}
+
+    def _once(self, key: tuple, whole: bool, make) -> torch.Tensor:
+        """`make()`, kept for the next conv only when it covers the whole table (a chunk under
+        the memory cap is made per chunk, or the cap would not hold)."""
+        if not whole:
+            return make()
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
+
+    def elements(self, width: int, lo: int, n: int) -> torch.Tensor:
+        """(n * taps, width): the element index of table rows lo .. lo + n (`element_index`)."""
+        return self._once(("elements", width, lo, n), n == self.rows,
+                          lambda: element_index(self.table[lo:lo + n].reshape(-1), width))
+
+    def bags(self, none: int, lo: int, hi: int) -> torch.Tensor:
+        """(M + 1, hi - lo) int64, the "bag" mode's index of taps lo .. hi: row i, column j
+        holds the row of `Z` = the input @ those taps' weights, viewed ((R + 1) * (hi - lo),
+        out), that tap lo + j of output row i reads, i.e. `table * (hi - lo) + j`; where there
+        is no voxel (`none`), and in the extra last row, `none * (hi - lo)`, the padding index
+        that `embedding_bag` skips. So the extra last output row sums nothing: zero."""
+        def make():
+            g = hi - lo
+            t = self.table[:, lo:hi]
+            out = t.new_full((self.rows + 1, g), none * g)
+            out[:-1].copy_(torch.where(t != none, t * g + _const(tuple(range(g)), t.device), none * g))
+            return out
+
+        return self._once(("bags", none, lo, hi), (lo, hi) == (0, self.taps), make)
 
 
 def _padded(rows: int, cols: int, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -190,18 +261,60 @@ class GemmConv(nn.Module):
         self.register_buffer("weight", w2.contiguous())
         self.register_buffer("bias", fused.bias.detach().clone())
         self.relu = fused.relu
-        self.cout = cout
-        self.gather_mode = DEFAULT_GATHER   # set by `GatherGemmUNet.gather_mode` on every conv
+        self.cin, self.cout = cin, cout
+        self.reads_map = not (conv.conv1x1 or conv.inverse)   # a conv over a map's taps (`conv`)
+        self.register_buffer("bag_weight", None, persistent=False)   # set by `use_bags`
 
-    def gather(self, fp: torch.Tensor, table: torch.Tensor, max_rows: int) -> torch.Tensor:
-        """Rows of `table` (M, taps) gathered from `fp`, times the weight, in row chunks."""
-        m = table.shape[0]
-        out = _padded(m, self.cout, fp)
-        for lo in range(0, m, max_rows):
-            t = table[lo:lo + max_rows]
-            cols = gather_rows(fp, t.reshape(-1), self.gather_mode).view(t.shape[0], -1)
-            torch.addmm(self.bias, cols, self.weight, out=out[lo:lo + t.shape[0]])
+    def use_bags(self, on: bool) -> None:
+        """The "bag" mode multiplies by all taps at once: weight as (in, taps * out), column =
+        tap * out + o (the inverse conv's layout). Made only while that mode is in use."""
+        if not self.reads_map:
+            return
+        w = self.weight
+        self.bag_weight = (w.view(-1, self.cin, self.cout).permute(1, 0, 2).reshape(self.cin, -1).contiguous()
+                           if on else None)
+
+    def conv(self, fp: torch.Tensor, taps: Taps, cap: int) -> torch.Tensor:
+        """This conv over a map: output row i reads rows `taps.table[i]` of `fp`, one per tap.
+        (M + 1, out), padded. The intermediate matrix (gathered rows, or the "bag" mode's
+        products per tap) stays under `cap` bytes: split by output rows, or by taps."""
+        out = self._bags(fp, taps, cap) if taps.mode == "bag" else self._gathered(fp, taps, cap)
         return out.relu_() if self.relu else out
+
+    def _gathered(self, fp: torch.Tensor, taps: Taps, cap: int) -> torch.Tensor:
+        """Rows gathered into (rows, taps * in), times the weight (taps * in, out), bias added
+        by the same `addmm`."""
+        wide = None if taps.mode == "index_select" else wide_view(fp)
+        index_bytes = 0 if wide is None else wide.shape[1] * 8   # the "gather" mode's element index
+        per_row = taps.taps * (fp.shape[1] * fp.element_size() + index_bytes)
+        m, step = taps.rows, max(1, cap // per_row)
+        out = _padded(m, self.cout, fp)
+        for lo in range(0, m, step):
+            n = min(step, m - lo)
+            if wide is None:
+                cols = torch.index_select(fp, 0, taps.table[lo:lo + n].reshape(-1))
+            else:
+                cols = torch.gather(wide, 0, taps.elements(wide.shape[1], lo, n)).view(fp.dtype)
+            torch.addmm(self.bias, cols.view(n, -1), self.weight, out=out[lo:lo + n])
+        return out
+
+    def _bags(self, fp: torch.Tensor, taps: Taps, cap: int) -> torch.Tensor:
+        """GEMM first, gather after: Z = fp @ (in, taps * out) holds every input row's product
+        with every tap's weight, and `embedding_bag` sums, per output row, the products its
+        taps read, skipping absent neighbours (the padding index, `Taps.bags`). No gathered
+        matrix, and only present neighbours are read; Z is (R + 1) * taps * out values, a
+        split of the taps when over `cap`. fp16 products are rounded per tap before the sum
+        (fp32 inside `embedding_bag`), the gather modes round once after it: not the same bits."""
+        r, none = fp.shape[0], fp.shape[0] - 1
+        step = max(1, cap // (r * self.cout * fp.element_size()))
+        out = None
+        for lo in range(0, taps.taps, step):
+            hi = min(taps.taps, lo + step)
+            z = torch.mm(fp, self.bag_weight[:, lo * self.cout:hi * self.cout]).view(-1, self.cout)
+            part = F.embedding_bag(taps.bags(none, lo, hi), z, mode="sum", padding_idx=none * (hi - lo))
+            out = part if out is None else out.add_(part)
+        out[:-1].add_(self.bias)   # the extra last row stays zero
+        return out
 
     def dense(self, fp: torch.Tensor) -> torch.Tensor:
         """1x1x1 conv; the zero row stays zero only without bias, so it is reset."""
@@ -225,8 +338,8 @@ class GemmBlock(nn.Module):
         self.conv1, self.conv2 = GemmConv(block.conv1), GemmConv(block.conv2)
         self.proj = None if block.proj is None else GemmConv(block.proj)
 
-    def forward(self, fp: torch.Tensor, table: torch.Tensor, max_rows: int) -> torch.Tensor:
-        y = self.conv2.gather(self.conv1.gather(fp, table, max_rows), table, max_rows)
+    def forward(self, fp: torch.Tensor, taps: Taps, cap: int) -> torch.Tensor:
+        y = self.conv2.conv(self.conv1.conv(fp, taps, cap), taps, cap)
         skip = fp if self.proj is None else self.proj.dense(fp)
         return y.add_(skip).relu_()   # zero rows add to zero
 
@@ -252,21 +365,15 @@ class GatherGemmUNet(nn.Module):
 
     @property
     def gather_mode(self) -> str:
-        """How the convs gather rows (`gather_rows`); set here, it is set on every conv."""
-        return self.stem.gather_mode
+        """How the convs read their neighbours (`GATHER_MODES`)."""
+        return self._gather_mode
 
     @gather_mode.setter
     def gather_mode(self, mode: str) -> None:
-        check_gather_mode(mode)
+        self._gather_mode = check_gather_mode(mode)
         for m in self.modules():
             if isinstance(m, GemmConv):
-                m.gather_mode = mode
-
-    def _rows(self, taps: int, cin: int) -> int:
-        """Rows per gathered chunk under the memory cap (the "gather" mode's index counted)."""
-        row_bytes = cin * torch.finfo(self.dtype).bits // 8
-        index_bytes = row_bytes // _wide(row_bytes).itemsize * 8 if self.gather_mode == "gather" else 0
-        return max(1, self.max_gather_bytes // (taps * (row_bytes + index_bytes)))
+                m.use_bags(mode == "bag")
 
     def plan(self, idx: torch.Tensor, spatial_shape, rows=None) -> list[LevelMaps]:
         """Every level's maps for voxel rows `idx` [b, x, y, z] (the host syncs are here).
@@ -290,19 +397,22 @@ class GatherGemmUNet(nn.Module):
         """The convs: padded input features (rows + 1, C) in the model's dtype → padded final
         features (rows + 1, w0). No host sync, fixed shapes for fixed map shapes (so a CUDA
         graph can capture it)."""
-        f = self.stem.gather(f, maps[0].table, self._rows(27, f.shape[1]))
+        mode, cap = self.gather_mode, self.max_gather_bytes
+        subm = [Taps(m.table, mode) for m in maps]
+        down = [Taps(m.down_table, mode) for m in maps[:-1]]
+        f = self.stem.conv(f, subm[0], cap)
         for blk in self.enc0:
-            f = blk(f, maps[0].table, self._rows(27, f.shape[1]))
+            f = blk(f, subm[0], cap)
         skips = []
-        for level, (down, enc) in enumerate(zip(self.down, self.enc, strict=True)):
+        for level, (conv, enc) in enumerate(zip(self.down, self.enc, strict=True)):
             skips.append(f)
-            f = down.gather(f, maps[level].down_table, self._rows(8, f.shape[1]))
+            f = conv.conv(f, down[level], cap)
             for blk in enc:
-                f = blk(f, maps[level + 1].table, self._rows(27, f.shape[1]))
+                f = blk(f, subm[level + 1], cap)
         for level in reversed(range(len(self.up))):
             f = torch.cat([self.up[level].up(f, maps[level].slot), skips.pop()], dim=1)
             for blk in self.dec[level]:
-                f = blk(f, maps[level].table, self._rows(27, f.shape[1]))
+                f = blk(f, subm[level], cap)
         return f
 
     @torch.inference_mode()
