@@ -8,9 +8,10 @@ loader would hand them over) → device → voxelize → features → BN-folded 
 incl. the copy and features; U-Net incl. the sparse tensor and sigmoid), for each engine:
 spconv, `gather_gemm` and, on CUDA, its CUDA-graph form (with how far their probabilities are
 from spconv's), and the gather engines with each other way of reading neighbours
-(`gather_gemm.GATHER_MODES`; how far their probabilities are from the default mode's). The unfused model under autocast (the
-eval path before folding) is timed too, for comparison; test-time views and `eval`'s batches
-run on the device's default engine (`config.DEFAULT_ENGINE`), as `eval` does.
+(`gather_gemm.GATHER_MODES`; how far their probabilities are from the default mode's). The
+unfused model under autocast (the eval path before folding) is timed too, for comparison;
+test-time views and `eval`'s batches run on the device's default engine
+(`config.DEFAULT_ENGINE`), as `eval` does.
 Inputs are LiDAR-like sweeps of `points` points on the AnoVox grid (`bench.lidar_cloud`), so
 no dataset is needed. Timings on CUDA use events after warm-up; on CPU, perf_counter. The
 training step is the median of `repeats`; the inference variants are timed in turn, round

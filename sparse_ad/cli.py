@@ -305,15 +305,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         _one_line_warnings()
     try:
-        return COMMANDS[args.command](args) or 0
+        code = COMMANDS[args.command](args) or 0
     except SparseADError as e:
         if args.debug:
             raise
         print(f"sparse-ad {args.command}: error: {e}", file=sys.stderr)
-        return e.exit_code
+        code = e.exit_code
     except KeyboardInterrupt:
         print(f"sparse-ad {args.command}: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if args.command == "train":   # a DDP rank ends here, before the interpreter's shutdown
+        from sparse_ad.engine.runtime import end_rank
+
+        return end_rank(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparse_ad.engine.runtime import end_rank
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.num_workers=0", "model.channels=[8,16]", "model.blocks_per_level=1", "train.batch_size=2",
         "data.val_fraction=0.5"]
@@ -200,6 +202,7 @@ def _train_rank(rank: int, world: int, port: int, split: str, run: str, stop_at:
                                                          "train.epochs=2", "data.max_skip_fraction=0.5"])
     summary = train_mod.train(cfg, Path(run))
     (Path(run).parent / f"{Path(run).name}.rank{rank}.json").write_text(json.dumps(summary.get("skipped_frames")))
+    end_rank(0)   # as `sparse-ad train` ends a rank (see there)
 
 
 def test_a_ddp_run_stopped_mid_epoch_and_resumed_records_what_an_uninterrupted_one_does(tiny_split, tmp_path):

@@ -426,3 +426,19 @@ def test_ddp_goes_on_when_one_rank_has_no_loadable_frame(tiny_split, tmp_path):
     # rank 0 reports both (it reported only its own skips, i.e. none)
     assert re.search(r"^2 of \d+ frame loads skipped", r.stdout, re.M), r.stdout
     assert [(h["epoch"], h["skipped_frames"]) for h in _history(run)] == [(1, 1)]   # rank 1's, in rank 0's file
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_ddp_rank_ends_before_the_interpreters_shutdown(world):
+    """`end_rank` (how `sparse-ad train` ends): under DDP the process ends at once with its
+    code and its output flushed, skipping the shutdown where torch's leftover gloo threads
+    can abort it; in one process it only returns the code."""
+    code = ("import atexit, sys; from sparse_ad.engine.runtime import end_rank; "
+            "atexit.register(lambda: print('shutdown')); print('out', end=''); print('err', end='', file=sys.stderr); "
+            "sys.exit(end_rank(3) + 1)")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "WORLD_SIZE": world}, capture_output=True,
+                       text=True, timeout=120)
+    if world == "2":
+        assert (r.returncode, r.stdout, r.stderr) == (3, "out", "err")
+    else:
+        assert (r.returncode, r.stdout) == (4, "outshutdown\n")
