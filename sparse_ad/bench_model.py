@@ -296,12 +296,13 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="also time reading + voxelizing this split's frames")
     p.add_argument("--out", type=Path, default=Path("runs/bench/model.json"))
     a = p.parse_args(argv)
+    # the split first: a wrong --data fails in seconds, not after minutes of GPU timings
+    reader = bench_reader(a.data, config=a.config, overrides=a.overrides) if a.data else None
     r = bench_model(a.config, a.overrides, a.points, a.batch_size, a.repeats, device=a.device,
                     latency_rounds=a.latency_rounds)
     print(format_table(r))
-    if a.data:
-        r["reader"] = bench_reader(a.data, config=a.config, overrides=a.overrides)
-        rd = r["reader"]
+    if reader:
+        r["reader"] = rd = reader
         print(f"reader: {rd['read_frames_per_s']:.1f} frames/s read+label+augment, "
               f"{rd['voxelize_frames_per_s']:.1f} frames/s voxelize (CPU, one process, "
               f"{rd['points_per_frame']:.0f} points/frame)")

@@ -229,7 +229,12 @@ def config_from_saved(data: dict, source: str) -> Config:
 
 
 def _set_override(tree: dict, dotted: str, raw: str):
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        first = (str(e).splitlines() or [""])[0]
+        raise ConfigError(f"override {dotted}={raw}: not a valid YAML value ({first}); fix its syntax (a list "
+                          "is written [8,16]; quote the whole argument for the shell)") from None
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:

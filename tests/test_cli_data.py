@@ -116,6 +116,13 @@ def test_output_paths_numbers_and_tools_fail_in_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             bench_model_main(args)
         assert e.value.code == 2 and "expected whole numbers >= 1" in capsys.readouterr().err
+    # a wrong --data fails before the timings
+    import sparse_ad.bench_model as bench_model_module
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench_model_module, "bench_model", lambda *a, **k: pytest.fail("timed before reading --data"))
+        assert bench_model_main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "b.json")]) == 1
+    assert "split folder not found" in capsys.readouterr().err
     for bad in ("nan", "inf", "x"):
         with pytest.raises(SystemExit) as e:
             main(["eval-preds", "--pred-dir", "p", "--data", "d", "--out", "m.json", "--threshold", bad])

@@ -32,6 +32,9 @@ def test_unknown_key_lists_valid_ones():
         load_config(None, ["train.epochs=three"])
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(None, ["train.epochs"])
+    for broken in ("model.channels=[8,16", "train.epochs={"):   # a typo: one line, not a YAML traceback
+        with pytest.raises(ConfigError, match=r"override .*: not a valid YAML value \(while parsing"):
+            load_config(None, [broken])
 
 
 def test_config_file_problems_name_the_file(tmp_path):

@@ -91,6 +91,27 @@ def test_corrupt_last_checkpoint_is_reported_not_loaded(tmp_path):
     torch.save({"format": 1}, p)
     with pytest.raises(SparseADError, match="not a sparse_ad checkpoint"):
         ckpt.load(p)
+    # the fix named fits the command: scoring a checkpoint is not resuming a run
+    with pytest.raises(SparseADError, match=r"corrupt .*; pass a best.pt or last.pt that `sparse-ad train` wrote$"):
+        ckpt.load(_corrupt(tmp_path / "best.pt"))
+    with pytest.raises(SparseADError, match=r"checkpoint not found; pass a best.pt"):
+        ckpt.load(tmp_path / "none.pt")
+    with pytest.raises(SparseADError, match=r"is a folder; pass the checkpoint file in it, e.g. .*best.pt"):
+        ckpt.load(tmp_path)
+
+
+def _corrupt(path):
+    path.write_bytes(b"PK\x03\x04 truncated")
+    return path
+
+
+def test_a_corrupt_last_pt_says_how_to_start_over(tiny_split, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    _corrupt(run / "last.pt")
+    cfg = load_config("configs/demo.yaml", [f"data.root={tiny_split}", "train.epochs=1", *TINY])
+    with pytest.raises(SparseADError, match=r"last.pt: corrupt .*; move it away to start fresh \(best.pt may still"):
+        train(cfg, run)
 
 
 def test_disk_full_during_write_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import ast
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -578,3 +579,18 @@ def test_two_processes_asking_for_the_same_synthetic_split_get_one_intact_copy(t
     assert sum("writing a synthetic" in text for text in printed) == 1
     split = open_split(next(p for p in tmp_path.glob("synth_*") if p.is_dir()))
     assert split.skipped_frames == 0 and len(split.frames) == 12
+
+
+def test_writing_into_a_used_folder_names_what_it_replaced_and_what_it_left(tmp_path):
+    """Same seed, fewer scenarios: the first is rewritten (its earlier frames are gone), the
+    second is left for readers to mix in; both are said, each in one line."""
+    write_split(tmp_path, 2, 2, seed=0, progress=False, points_per_sweep=2000)
+    with pytest.warns(UserWarning) as caught:
+        summary = write_split(tmp_path, 1, 1, seed=0, progress=False, points_per_sweep=2000)
+    said = [str(w.message) for w in caught]
+    assert any(f"replaced 1 scenario folder(s) an earlier run had written (e.g. Scenario_{summary.scenario_ids[0]})"
+               in m for m in said)
+    assert any("also holds 1 scenario folder(s) this run did not write" in m for m in said)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a fresh folder: nothing to say
+        write_split(tmp_path / "fresh", 1, 1, seed=0, progress=False, points_per_sweep=2000)

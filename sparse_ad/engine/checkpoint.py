@@ -98,18 +98,20 @@ def save(path: Path, state: TrainState, sched, epoch: int, step_in_epoch: int, r
     atomic_write(Path(path), lambda f: f.write(buf.getbuffer()))
 
 
-def load(path: Path, map_location="cpu") -> dict:
-    """Load a checkpoint safely; a corrupt or foreign file is reported, not trusted."""
+def load(path: Path, map_location="cpu", fix: str = "pass a best.pt or last.pt that `sparse-ad train` wrote") -> dict:
+    """Load a checkpoint safely; a corrupt or foreign file is reported, not trusted. `fix`:
+    what the error tells the user to do (the caller knows: resume vs. score a checkpoint)."""
     path = Path(path)
+    if path.is_dir():
+        raise SparseADError(f"{path}: is a folder; pass the checkpoint file in it, e.g. {path / 'best.pt'}")
     if not path.exists():
-        raise SparseADError(f"{path}: checkpoint not found")
+        raise SparseADError(f"{path}: checkpoint not found; {fix}")
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for truncated/foreign files
-        raise SparseADError(f"{path}: corrupt or not a sparse_ad checkpoint ({type(e).__name__}); move it "
-                            "away to start fresh (best.pt may still be good)") from None
+        raise SparseADError(f"{path}: corrupt or not a sparse_ad checkpoint ({type(e).__name__}); {fix}") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT or "model" not in ck:
-        raise SparseADError(f"{path}: not a sparse_ad checkpoint (format {FORMAT}); move it away to start fresh")
+        raise SparseADError(f"{path}: not a sparse_ad checkpoint (format {FORMAT}); {fix}")
     return ck
 
 
@@ -225,7 +227,8 @@ def resume_or_init(cfg: Config, run_dir: Path, rt) -> TrainState:
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp)
     last = Path(run_dir) / "last.pt"
-    ck = load(last, map_location=rt.device) if last.exists() else None
+    ck = (load(last, map_location=rt.device, fix="move it away to start fresh (best.pt may still be good)")
+          if last.exists() else None)
     if ck is not None:
         check_resumable(ck, cfg, last)
         model.load_state_dict(ck.get("train_model", ck["model"]))

@@ -142,6 +142,7 @@ def write_split(out: Path, scenarios: int, frames: int, seed: int, anomaly_share
     sets = SENSOR_SETS[sensor_sets]
     setup, names = sensor_setup(sets, points_per_sweep, seed)
     summary = SplitSummary(out, [], frames, [], 0, 0.0, points_per_sweep=points_per_sweep, sensor_sets=sensor_sets)
+    before = set(_scenario_folders(out))
     plans_meta = []
     with progress_bar(None, progress, total=scenarios * frames, desc="synth", unit="frame") as bar:
         for plan in plan_split(scenarios, frames, seed, anomaly_share, braking_share):
@@ -158,7 +159,7 @@ def write_split(out: Path, scenarios: int, frames: int, seed: int, anomaly_share
             if plan.kind == "braking":
                 summary.braking_scenarios.append(sid)
             plans_meta.append(_scenario_definition(plan))
-    _warn_foreign(out, set(summary.scenario_ids))
+    _warn_foreign(out, set(summary.scenario_ids), before)
     config = {"scenario_definition": {"map": "SynthTown", "scenarios": plans_meta},
               "synth": {"seed": seed, "scenarios": scenarios, "frames": frames, "anomaly_share": anomaly_share,
                         "sensor_sets": sensor_sets, "points_per_sweep": points_per_sweep}}
@@ -183,9 +184,20 @@ def _scenario_definition(plan) -> dict:
             if a is not None else None}
 
 
-def _warn_foreign(out: Path, ours: set[str]) -> None:
-    foreign = [p.name for p in out.iterdir() if p.is_dir() and p.name.startswith("Scenario_")
-               and p.name != CONFIG_FOLDER and p.name[len("Scenario_"):] not in ours]
+def _scenario_folders(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.is_dir() and p.name.startswith("Scenario_")
+                  and p.name != CONFIG_FOLDER)
+
+
+def _warn_foreign(out: Path, ours: set[str], before: set[str]) -> None:
+    """Say what writing into a used folder did: the scenarios of this seed it replaced (their
+    earlier frames are gone), and the other scenario folders, which readers will mix in."""
+    mine = {f"Scenario_{sid}" for sid in ours}
+    replaced = sorted(before & mine)
+    foreign = [name for name in _scenario_folders(out) if name not in mine]
+    if replaced:
+        warnings.warn(f"{out}: replaced {len(replaced)} scenario folder(s) an earlier run had written "
+                      f"(e.g. {replaced[0]}); write into an empty folder to keep both", stacklevel=3)
     if foreign:
         warnings.warn(f"{out}: also holds {len(foreign)} scenario folder(s) this run did not write "
                       f"(e.g. {foreign[0]}); readers will see them as part of the split", stacklevel=3)
