@@ -62,7 +62,7 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
     from sparse_ad.voxelize import voxelize
 
     cfg = load_config(config, list(overrides))
-    dev = pick_device(device)
+    dev = pick_device(device, setting="--device")
     amp = dev.type == "cuda" and cfg.train.amp
     grid = cfg.grid.build()
     torch.manual_seed(seed)

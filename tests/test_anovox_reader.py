@@ -81,8 +81,12 @@ def test_load_frame_types(tiny_split):
 def test_empty_or_missing_split(tmp_path):
     with pytest.raises(SparseADError, match="not found"):
         open_split(tmp_path / "nope")
-    with pytest.raises(SparseADError, match="no usable frames"):
+    with pytest.raises(SparseADError, match=r"no usable frames \(no Scenario_\* folder with matching LIDAR and "
+                                            r"VOXEL_GRID files\); check the path$"):
         open_split(tmp_path)
+    (tmp_path / "Scenario_0001").mkdir()   # one scenario's folder passed instead of the split's
+    with pytest.raises(SparseADError, match=r"matching LIDAR files\); check the path \(pass the folder above it, "):
+        open_split(tmp_path / "Scenario_0001", need_gt=False)
 
 
 def test_pickled_npy_is_refused_never_loaded(tmp_path):

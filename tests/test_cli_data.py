@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from sparse_ad.cli import main
 from tests.conftest import MONO_SEM
@@ -123,6 +124,9 @@ def test_output_paths_numbers_and_tools_fail_in_one_line(tmp_path, capsys):
         mp.setattr(bench_model_module, "bench_model", lambda *a, **k: pytest.fail("timed before reading --data"))
         assert bench_model_main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "b.json")]) == 1
     assert "split folder not found" in capsys.readouterr().err
+    if not torch.cuda.is_available():   # the error names the flag the user typed, not a config key
+        assert bench_model_main(["--device", "cuda", "--out", str(tmp_path / "c.json")]) == 2
+        assert "--device cuda but no CUDA device is visible; use --device cpu or auto" in capsys.readouterr().err
     for bad in ("nan", "inf", "x"):
         with pytest.raises(SystemExit) as e:
             main(["eval-preds", "--pred-dir", "p", "--data", "d", "--out", "m.json", "--threshold", bad])

@@ -162,8 +162,10 @@ def open_split(root: str | Path, sensor_type: str | None = "LIDAR", need_gt: boo
         if sc.frames:
             scenarios.append(sc)
     if not scenarios:
-        raise SparseADError(f"{root}: no usable frames (no Scenario_* folder with matching "
-                            f"{sensor_type or ''} {'VOXEL_GRID' if need_gt else ''} files); check the path")
+        wanted = " and ".join(k for k in (sensor_type, "VOXEL_GRID" if need_gt else "") if k) or "frame"
+        hint = f" (pass the folder above it, {root.parent})" if root.name.startswith("Scenario_") else ""
+        raise SparseADError(f"{root}: no usable frames (no Scenario_* folder with matching {wanted} files); "
+                            f"check the path{hint}")
     if skipped:
         warnings.warn(f"{root}: {skipped} frame(s) lack a {sensor_type} or VOXEL_GRID file and are "
                       "skipped", stacklevel=2)

@@ -148,16 +148,19 @@ def end_rank(code: int) -> int:
     os._exit(code)
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
+def pick_device(name: str, local_rank: int = 0, setting: str = "train.device") -> torch.device:
+    """The device `name` (auto, cpu, cuda) names; `setting`: how the user chose it (a config
+    key or a command-line flag), for the error."""
+    eq = " " if setting.startswith("--") else "="
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+            raise ConfigError(f"{setting}{eq}cuda but no CUDA device is visible; use {setting}{eq}cpu or auto")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     if name != "cpu":
-        raise ConfigError(f"train.device must be auto, cpu or cuda, got {name!r}")
+        raise ConfigError(f"{setting} must be auto, cpu or cuda, got {name!r}")
     return torch.device("cpu")
 
 
