@@ -6,7 +6,9 @@ score them. Files are written atomically and existing ones are kept, so an inter
 run resumes where it stopped — with the same checkpoint, view count, engine, precision and
 split files only, which `OUT/predict.json` records (a rerun with others is refused rather
 than mixing two models' files in one folder), beside what `eval-preds` then scores with by
-default: the checkpoint's calibrated threshold, transform and sensor.
+default: the checkpoint's calibrated threshold, transform and sensor. `--bev` draws a PNG beside
+each .npy; a kept .npy without its PNG (a run stopped between the two, or one without `--bev`)
+gets it drawn from the saved file, without running the model again.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from sparse_ad.data.in_flight import naming_dead_workers
-from sparse_ad.io import atomic_save_npy, claim_folder, file_sha256
+from sparse_ad.io import atomic_save_npy, claim_folder, file_sha256, load_npy
 
 MANIFEST = "predict.json"
 
@@ -45,6 +47,15 @@ def split_fingerprint(split, sensor: str) -> str:
     return h.hexdigest()[:16]
 
 
+def draw_bev(ref, coords: np.ndarray, scores: np.ndarray, cfg, path: Path, threshold: float) -> None:
+    """The bird's-eye PNG beside prediction file `path` (written atomically by `plots`)."""
+    from sparse_ad.plots import plot_bev
+
+    gt_file = ref.scenario.voxel_grid_file(ref.frame)
+    plot_bev(coords, scores, gt_file if gt_file.exists() else None, cfg, path.with_suffix(".png"),
+             threshold=threshold, title=ref.name)
+
+
 @naming_dead_workers()
 def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, device: str = "auto",
                   progress: bool = True, scoring=None) -> int:
@@ -69,18 +80,26 @@ def predict_split(checkpoint: Path, data: Path, out: Path, bev: bool = False, de
                         "transform": asdict(cfg.transform), "sensor": cfg.data.sensor},   # the checkpoint's
                  flags={"engine": "--engine", "views": "--views"})
     todo = [r for r in split.frames if not prediction_file(out, r).exists()]
-    written = 0
+    undrawn = [r for r in split.frames if bev and prediction_file(out, r).exists()   # kept without a PNG
+               and not prediction_file(out, r).with_suffix(".png").exists()]
+    written = drawn = 0
     for ref, _, coords, scores in predict_frames(model, cfg, todo, dev, progress):
         path = prediction_file(out, ref)
         atomic_save_npy(path, prediction_rows(coords, scores))
         written += 1
         if bev:
-            from sparse_ad.plots import plot_bev
-
-            gt_file = ref.scenario.voxel_grid_file(ref.frame)
-            plot_bev(coords, scores, gt_file if gt_file.exists() else None, cfg, path.with_suffix(".png"),
-                     threshold=threshold, title=ref.name)
-    print(f"wrote {written} prediction file(s) under {out} ({len(split.frames) - len(todo)} already there); the "
-          f"checkpoint's calibrated threshold {threshold:.6g} is in {out / MANIFEST}, "
+            draw_bev(ref, coords, scores, cfg, path, threshold)
+            drawn += 1
+    for ref in undrawn:   # kept from an earlier run: drawn from the saved file, not scored again
+        path = prediction_file(out, ref)
+        rows = load_npy(path, ncols=4, kinds="f")
+        draw_bev(ref, rows[:, :3].astype(np.int64), rows[:, 3], cfg, path, threshold)
+        drawn += 1
+    skipped = len(todo) - written   # predict_frames yields every frame but those it warned about
+    print(f"wrote {written} prediction file(s) under {out} ({len(split.frames) - len(todo)} already there, "
+          + (f"{skipped} skipped: failed to load, see the warnings; a rerun retries them)" if skipped else
+             "none skipped)")
+          + (f"; drew {drawn} bird's-eye PNG(s)" if bev else "")
+          + f"; the checkpoint's calibrated threshold {threshold:.6g} is in {out / MANIFEST}, "
           "where eval-preds takes it from")
     return written
