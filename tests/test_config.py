@@ -107,6 +107,22 @@ def test_synthetic_splits_with_braking_get_their_own_cache_folder(tmp_path, monk
     assert braking != plain and written == [(plain.name, 0.0), (braking.name, 0.5)]
 
 
+def test_an_unfinished_synthetic_cache_is_written_anew(tmp_path, monkeypatch):
+    """A write that was interrupted (no .complete) left scenario folders: they are removed, so
+    the new write neither mixes them in nor replaces them one by one."""
+    import sparse_ad.synth as synth
+    from sparse_ad.engine.runtime import data_root, resolve_data_root
+
+    monkeypatch.setenv("SPARSE_AD_CACHE", str(tmp_path))
+    cfg = load_config(None, ["data.synth_seed=3"])
+    stale = data_root(cfg) / "Scenario_left-from-a-killed-write"
+    stale.mkdir(parents=True)
+    seen = []
+    monkeypatch.setattr(synth, "write_split", lambda root, **kw: seen.append(root.exists()) or root.mkdir())
+    root = resolve_data_root(cfg)
+    assert seen == [False] and not stale.exists() and (root / ".complete").exists()
+
+
 def test_a_resolution_without_its_shape_is_refused():
     """0.25 m on (1000, 1000, 64) would silently shrink the box to 250 x 250 x 16 m."""
     with pytest.raises(ConfigError, match=r"grid.resolution=0.25 .*set grid.shape=\[2000, 2000, 128\] too"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -206,6 +207,7 @@ def resolve_data_root(cfg: Config) -> Path:
         _lock_exclusively(lock)
         if not done.exists():
             print(f"no data.root configured: writing a synthetic AnoVox-layout split to {root}")
+            shutil.rmtree(root, ignore_errors=True)   # what an interrupted write left: ours, unfinished
             write_split(root, scenarios=d.synth_scenarios, frames=d.synth_frames, seed=d.synth_seed,
                         anomaly_share=d.synth_anomaly_share, braking_share=d.synth_braking_share)
             atomic_write_text(done, "ok\n")
