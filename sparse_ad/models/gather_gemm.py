@@ -173,7 +173,8 @@ def check_gather_mode(mode: str, modes: tuple[str, ...] = GATHER_MODES) -> str:
     return mode
 
 
-def gather_rows(fp: torch.Tensor, index: torch.Tensor, mode: str = DEFAULT_GATHER) -> torch.Tensor:
+def gather_rows(fp: torch.Tensor, index: torch.Tensor, mode: str = DEFAULT_GATHER,
+                elements: torch.Tensor | None = None) -> torch.Tensor:
     """fp[index]: the rows of the (R, C) matrix `fp` at the flat int64 `index`, (len, C), by
     one of the `ROW_MODES`. Both copy bits, so their results are identical; why there are two:
 
@@ -185,11 +186,13 @@ def gather_rows(fp: torch.Tensor, index: torch.Tensor, mode: str = DEFAULT_GATHE
     * `gather`: `torch.gather` over the rows as their widest elements (`wide_view`) with an
       explicit (len, elements) index (`element_index`), whose kernel runs one thread per
       element. Its price: that index, 8 bytes per element, is read once per gather (and
-      written once per map and width, `Taps.elements`)."""
+      written once per map and width: `elements`, when the caller has it, `Taps.elements`)."""
     if check_gather_mode(mode, ROW_MODES) == "index_select":
         return torch.index_select(fp, 0, index)
     src = wide_view(fp)
-    return torch.gather(src, 0, element_index(index, src.shape[1])).view(fp.dtype)
+    if elements is None:
+        elements = element_index(index, src.shape[1])
+    return torch.gather(src, 0, elements).view(fp.dtype)
 
 
 class Taps:
@@ -291,10 +294,8 @@ class GemmConv(nn.Module):
         out = _padded(m, self.cout, fp)
         for lo in range(0, m, step):
             n = min(step, m - lo)
-            if wide is None:
-                cols = torch.index_select(fp, 0, taps.table[lo:lo + n].reshape(-1))
-            else:
-                cols = torch.gather(wide, 0, taps.elements(wide.shape[1], lo, n)).view(fp.dtype)
+            elements = None if wide is None else taps.elements(wide.shape[1], lo, n)
+            cols = gather_rows(fp, taps.table[lo:lo + n].reshape(-1), taps.mode, elements)
             torch.addmm(self.bias, cols.view(n, -1), self.weight, out=out[lo:lo + n])
         return out
 
