@@ -81,6 +81,25 @@ def predict_manifest(pred_dir: Path, need_threshold: bool) -> dict:
     return manifest
 
 
+def predicted_on_another_split(manifest: dict, data: Path, sensor: str) -> bool:
+    """Whether `data`'s point files differ from those `predict` made the folder's files from,
+    by the fingerprint its predict.json records (`export.split_fingerprint`, recomputed as
+    `predict` computes it): a split regenerated in place keeps its frame names, so its ground
+    truth would otherwise score the old clouds' predictions. False when none is recorded
+    (another method's files)."""
+    from sparse_ad.export import split_fingerprint
+
+    if "split" not in manifest:
+        return False
+    try:
+        with warnings.catch_warnings():   # predict's view of the split; eval-preds warns about its own
+            warnings.simplefilter("ignore")
+            now = split_fingerprint(open_split(data, sensor, need_gt=False), sensor)
+    except (SparseADError, OSError):      # its point files are gone: not the split predict read
+        return True
+    return now != manifest["split"]
+
+
 def lidar_hits_anomaly(ref: FrameRef, gt: GroundTruth, cfg: Config, grid: VoxelGrid, lut: np.ndarray) -> bool | None:
     """Whether the frame's own LiDAR sweep (`data.sensor`, every sensor of that type) hits a
     ground-truth anomaly voxel: the protocol's "anomalies only" frames. It decides that for
@@ -112,7 +131,11 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
     decided from the split's LiDAR, read with the transform and sensor predict.json records
     (else `cfg`'s). Exact by default (memory: 4 or 8 bytes per scored voxel, as the files' scores);
     `histogram_bins` > 0 bins scores over [0, 1] instead, for flat memory on very large splits
-    (then approximate)."""
+    (then approximate). Nothing goes unscored unsaid: frames without a prediction file
+    (`missing_predictions`), files that match no frame (`unmatched_prediction_files`) and
+    files `predict` made from another version of the split (its predict.json's fingerprint)
+    are warned about."""
+    from sparse_ad.export import MANIFEST
     from sparse_ad.io import progress_bar
 
     pred_dir = Path(pred_dir)
@@ -130,6 +153,10 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
     grid = cfg.grid.build()
     lut = target_table(cfg.labels.anomaly_tags, cfg.labels.ignore_tags)
     split = open_split(data, sensor_type=None, need_gt=True)
+    if predicted_on_another_split(manifest, data, cfg.data.sensor):
+        warnings.warn(f"{pred_dir / MANIFEST}: the predictions were made on another version of the split {data} "
+                      f"(its {cfg.data.sensor} files were added, removed or rewritten since), so they may not be "
+                      "these frames' scores; re-run predict into a new folder", stacklevel=2)
     acc = ProtocolAccumulator(histogram_bins=histogram_bins)
     missing = no_lidar = 0
     for ref in progress_bar(split.frames, progress, desc="eval-preds", unit="frame"):
@@ -149,12 +176,19 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
                             f"{prediction_file(pred_dir, split.frames[0])}")
     if missing:
         warnings.warn(f"{missing} frame(s) of {data} have no prediction file and are not scored", stacklevel=2)
+    expected = {prediction_file(pred_dir, ref) for ref in split.frames}
+    unmatched = sorted(p for p in pred_dir.glob("*/*.npy") if p not in expected)
+    if unmatched:
+        warnings.warn(f"{len(unmatched)} prediction file(s) under {pred_dir} match no frame of {data} and are not "
+                      f"scored (e.g. {unmatched[0]}); they must be named Scenario_<id>/VOXEL_GRID_<frame>.npy "
+                      "after the split's frames", stacklevel=2)
     if no_lidar:
         warnings.warn(f"{no_lidar} scored frame(s) of {data} have no readable {cfg.data.sensor} file: whether they "
                       "count as anomaly frames is decided by the voxels their prediction covers", stacklevel=2)
     result = acc.result(threshold)
     result["missing_predictions"] = missing
     result["frames_without_lidar"] = no_lidar   # scored frames whose "anomalies only" membership the prediction decided
+    result["unmatched_prediction_files"] = len(unmatched)   # files no frame of the split names: not scored
     _write_json(Path(out), result)
     print(format_metrics(result))
     return result
@@ -244,7 +278,9 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, a
                         device: str = "auto", progress: bool = True, histogram_bins: int = 0,
                         scoring: Scoring = Scoring()) -> dict:
     """Run a checkpoint on the held-out scenarios (or every frame) and score it (exact, or
-    binned with flat memory when `histogram_bins` > 0), as `scoring` says."""
+    binned with flat memory when `histogram_bins` > 0), as `scoring` says. Frames that fail
+    to load are warned about one by one and counted in `skipped_frames`, so a metric over
+    fewer frames than asked for says so."""
     from sparse_ad.data.dataset import train_val_frames
     from sparse_ad.engine.runtime import data_root, pick_device, resolve_data_root
     from sparse_ad.plots import plot_curves
@@ -277,7 +313,8 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, a
     result = acc.result(threshold)
     result.update({"checkpoint": str(checkpoint), "epoch": ck.get("epoch"),
                    "frames_scope": "all" if all_frames else "held-out scenarios", "views": cfg.model.test_views,
-                   "engine": scoring.engine_on(dev)})
+                   "engine": scoring.engine_on(dev),
+                   "skipped_frames": len(refs) - acc.frames})   # failed to load: predict_frames yields the rest
     if hasattr(model, "captures"):   # gather_gemm_graphs: what a stream of frames cost it in captures
         result["graph_captures"] = model.captures
     out = Path(out)
@@ -307,8 +344,12 @@ def format_metrics(result: dict) -> str:
             cells.append(f"{'n/a':>15}" if v is None or (isinstance(v, float) and np.isnan(v))
                          else f"{v:>15.4f}" if isinstance(v, float) else f"{v:>15}")
         lines.append(f"{name:<20}" + "".join(cells))
+    not_scored = {"skipped_frames": "frame(s) skipped (failed to load)",      # eval
+                  "missing_predictions": "frame(s) without a prediction file",   # eval-preds
+                  "unmatched_prediction_files": "prediction file(s) matching no frame"}
     lines.append(f"threshold {result['threshold']:.6g} | frames {result['frames']} "
-                 f"({result['anomaly_frames']} with anomalies)")
+                 f"({result['anomaly_frames']} with anomalies)"
+                 + "".join(f" | {result[k]} {what}" for k, what in not_scored.items() if k in result))
     if result.get("by_size_unknown_frames"):
         lines.append(f"by size: {result['by_size_unknown_frames']} anomaly frame(s) left out, their ANOMALY csv has "
                      "no readable `size`")
