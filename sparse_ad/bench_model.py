@@ -153,6 +153,7 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
             graphed = fuse_for_inference(fused, engine="gather_gemm_graphs")
             g = unet_part(graphed)
             results["graphs_max_abs_diff"] = float((a.float() - g.float()).abs().max())
+            results["graphs_capture_ms"] = graphed.capture_s * 1e3   # the one capture of this frame's signature
             stages.update({"inference_graphs": infer_graphs, "inference_unet_graphs": lambda: unet_part(graphed)})
         except Exception as e:   # noqa: BLE001 - a replay or comparison may fail in other ways too
             from sparse_ad.models.graphs import error_chain
@@ -161,8 +162,10 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
             print(f"gather_gemm_graphs: {results['graphs_error']}")
     from sparse_ad.models.gather_gemm import DEFAULT_GATHER, GATHER_MODES
 
+    default_gather = DEFAULT_GATHER[dev.type]
+
     for mode in GATHER_MODES:   # the other ways of gathering rows (`gather_rows`), each engine's whole path
-        if mode == DEFAULT_GATHER:
+        if mode == default_gather:
             continue
         refs = {"gather_gemm": b, **({"graphs": g} if "inference_graphs" in stages else {})}
         for eng, ref in refs.items():   # each against the same engine with the default gather
@@ -195,13 +198,14 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
         "inference_graphs_ms_per_frame": results.get("inference_graphs"),
         "inference_unet_graphs_ms": results.get("inference_unet_graphs"),
         "graphs_max_abs_diff": results.get("graphs_max_abs_diff"), "graphs_error": results.get("graphs_error"),
-        "gather_default": DEFAULT_GATHER,
+        "graphs_capture_ms": results.get("graphs_capture_ms"),
+        "gather_default": default_gather,
         "gather_modes_ms_per_frame": {   # whole path per frame, {mode: {engine: ms}}
             mode: {eng: results.get(f"inference_{eng}@{mode}") for eng in ("gather_gemm", "graphs")}
-            for mode in GATHER_MODES if mode != DEFAULT_GATHER},
+            for mode in GATHER_MODES if mode != default_gather},
         "gather_modes_max_abs_diff": {   # max |dp| from the default mode's probabilities (same engine), or the error
             f"{eng}@{mode}": results.get(f"diff_{eng}@{mode}", results.get(f"error_{eng}@{mode}"))
-            for mode in GATHER_MODES if mode != DEFAULT_GATHER for eng in ("gather_gemm", "graphs")
+            for mode in GATHER_MODES if mode != default_gather for eng in ("gather_gemm", "graphs")
             if f"diff_{eng}@{mode}" in results or f"error_{eng}@{mode}" in results},
         "eval_engine": DEFAULT_ENGINE[dev.type],
         "test_views": cfg.model.test_views, "inference_views_ms_per_frame": results.get("inference_views"),
@@ -251,7 +255,7 @@ def format_table(r: dict) -> str:
             ("batch size, AMP", f"{r['batch_size']}, {r['amp']}"),
             ("train step (ms, median)", f"{r['train_step_ms']:.1f}"),
             ("training throughput (frames/s)", f"{r['train_frames_per_s']:.1f}"),
-            ("inference per frame (ms, median)", f"{r['inference_ms_per_frame']:.1f}"
+            ("inference per frame, spconv (ms, median)", f"{r['inference_ms_per_frame']:.1f}"
              + _p10_p90(r, "inference")),
             ("  voxelize / U-Net (ms)", f"{r['inference_voxelize_ms']:.1f} / {r['inference_unet_ms']:.1f}"),
             ("  unfused SpUNet, autocast (ms)", f"{r['inference_unfused_amp_ms_per_frame']:.1f}"),
@@ -262,7 +266,9 @@ def format_table(r: dict) -> str:
             *([("  gather_gemm_graphs: whole / U-Net (ms)",
                 f"{r['inference_graphs_ms_per_frame']:.1f} / {r['inference_unet_graphs_ms']:.1f}"
                 + _p10_p90(r, "inference_graphs")),
-               ("  gather_gemm_graphs vs spconv, max |dp|", f"{r['graphs_max_abs_diff']:.1e}")]
+               ("  gather_gemm_graphs vs spconv, max |dp|", f"{r['graphs_max_abs_diff']:.1e}"),
+               ("  gather_gemm_graphs: first frame's capture (ms)",
+                "n/a" if r.get("graphs_capture_ms") is None else f"{r['graphs_capture_ms']:.0f}")]
               if r.get("inference_graphs_ms_per_frame") is not None else []),
             *[(f"  gather={mode}: gather_gemm / graphs, whole (ms)",
                " / ".join("n/a" if ms is None else f"{ms:.1f}" for ms in by.values())

@@ -120,6 +120,20 @@ def test_bag_mode_weights_follow_the_mode(randomize_bn):
     assert net.stem.bag_weight is None and torch.equal(net(x).voxel_logits, before)
 
 
+def test_default_gather_mode_is_the_devices(monkeypatch):
+    """A net built without a mode takes its device's `DEFAULT_GATHER` (the fastest measured
+    there), and a named mode wins over it."""
+    from sparse_ad.models import gather_gemm
+
+    assert set(gather_gemm.DEFAULT_GATHER) == {"cpu", "cuda"}
+    assert set(gather_gemm.DEFAULT_GATHER.values()) <= set(GATHER_MODES)
+    fused = fuse_for_inference(SpUNet(6, 8, (8,), blocks_per_level=1).eval())
+    monkeypatch.setitem(gather_gemm.DEFAULT_GATHER, "cpu", "bag")
+    assert GatherGemmUNet(fused).gather_mode == "bag"
+    assert fuse_for_inference(fused, engine="gather_gemm").gather_mode == "bag"
+    assert GatherGemmUNet(fused, gather="gather").gather_mode == "gather"
+
+
 def test_bag_index_skips_absent_neighbours():
     """Bags read Z = input @ all taps' weights, row `input_row * taps + tap`; an absent
     neighbour, and the extra last row, only ever the padding index (so they are not read)."""

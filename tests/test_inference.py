@@ -76,6 +76,6 @@ def test_validation_scores_with_what_eval_runs_on_the_device():
     model = SpUNet(6, 8, (8,)).eval()
     assert validation_scorer(model, torch.device("cpu")) is model
     scorer = validation_scorer(model, torch.device("cuda"))
-    engine = {"spconv": InferenceUNet, "gather_gemm": GatherGemmUNet}[DEFAULT_ENGINE["cuda"]]
-    assert isinstance(scorer, engine) and scorer.dtype == torch.float16
+    assert DEFAULT_ENGINE["cuda"].startswith("gather_gemm")   # validation runs its ops eagerly
+    assert type(scorer) is GatherGemmUNet and scorer.dtype == torch.float16
     assert next(model.parameters()).dtype == torch.float32          # the trained model untouched

@@ -63,7 +63,7 @@ $PY tools/bench_model.py --config configs/demo.yaml --device cuda --batch-size 8
 train.device=cuda train.max_minutes=4 train.epochs=30 data.num_workers=6 train.cpu_threads=0 && \
 $PY tools/evaluate.py --checkpoint $WORK/run/best.pt --out $WORK/eval && \
 $PY tools/evaluate.py --checkpoint $WORK/run/best.pt --out $WORK/eval_spconv --engine spconv && \
-$PY tools/evaluate.py --checkpoint $WORK/run/best.pt --out $WORK/eval_graphs --engine gather_gemm_graphs" ;;
+$PY tools/evaluate.py --checkpoint $WORK/run/best.pt --out $WORK/eval_gemm --engine gather_gemm" ;;
   *) echo "unknown step $s (env cases vox model profile train)"; exit 2 ;;
 esac; done
 exit $failed

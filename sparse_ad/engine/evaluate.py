@@ -317,6 +317,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, a
                    "skipped_frames": len(refs) - acc.frames})   # failed to load: predict_frames yields the rest
     if hasattr(model, "captures"):   # gather_gemm_graphs: what a stream of frames cost it in captures
         result["graph_captures"] = model.captures
+        result["graph_capture_s"] = round(model.capture_s, 3)
     out = Path(out)
     _write_json(out / "metrics.json", result)
     plot_curves(acc, out / "curves.png")

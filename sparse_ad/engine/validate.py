@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sparse_ad.config import DEFAULT_ENGINE
 from sparse_ad.engine.protocol import ProtocolAccumulator
 
 DECISION_THRESHOLD = 0.5
@@ -116,17 +115,20 @@ def _weights_from_rank0(model) -> None:
 
 
 def validation_scorer(model, device: torch.device):
-    """What validation scores with. On CUDA: what `eval` and `predict` run there — BN folded,
-    real fp16, the CUDA `DEFAULT_ENGINE` (`fuse_for_inference`) — so the stored threshold is
+    """What validation scores with. On CUDA: the ops `eval` and `predict` run there — BN
+    folded, real fp16, gather + GEMM (`fuse_for_inference`) — so the stored threshold is
     calibrated on the numerics it will be applied to, at well under the latency of the
-    unfolded model under autocast (whose eval-mode convs run in fp32; README). On CPU the
-    unfolded model itself: the folded fp32 one scores within ~1e-6 of it, and keeping it lets
-    CPU runs reproduce recorded histories bit for bit."""
+    unfolded model under autocast (whose eval-mode convs run in fp32; README). Eagerly, not
+    replayed from CUDA graphs as `eval` does by default: the scorer is folded anew every epoch,
+    so each graph would be captured to be replayed about once; the graphs replay the same ops
+    (the same probabilities in every bench run so far). On CPU the unfolded model itself: the
+    folded fp32 one scores within ~1e-6 of it, and keeping it lets CPU runs reproduce recorded
+    histories bit for bit."""
     if device.type != "cuda":
         return model
     from sparse_ad.models.inference import fuse_for_inference
 
-    return fuse_for_inference(model, half=True, engine=DEFAULT_ENGINE["cuda"])
+    return fuse_for_inference(model, half=True, engine="gather_gemm")
 
 
 def collapse_reason(metrics: dict) -> str | None:

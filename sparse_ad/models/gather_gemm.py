@@ -16,7 +16,9 @@ level with a handful of torch ops, and a conv is a few launches, in one of three
 Why three: the profile of the first ("index_select") found its row copies taking 4.9 of the
 6.0 ms of GPU time, in a torch kernel made for wide rows; the other two avoid that kernel in
 two different ways, and which is fastest is a measurement (`tools/bench_model.py` times all
-three), not an argument.
+three), not an argument. Measured (`DEFAULT_GATHER`): on an H100 (2026-11-26, `anovox_mono`,
+GPU time of a forward) index_select 6.0 ms, gather 1.7, bag 2.1; on a 2-core CPU the
+index_select path is the fastest (gather ~2x, bag ~1.7x its time).
 
 Every feature matrix carries one extra, zero, last row (`_padded`): a map points there for
 "no voxel", so absent neighbours contribute nothing without a mask or a copy per conv.
@@ -140,7 +142,7 @@ class LevelMaps:
 
 GATHER_MODES = ("index_select", "gather", "bag")   # how a conv reads its neighbours (`GemmConv.conv`)
 ROW_MODES = GATHER_MODES[:2]                          # the ones that gather rows (`gather_rows`)
-DEFAULT_GATHER = "index_select"
+DEFAULT_GATHER = {"cpu": "index_select", "cuda": "gather"}   # the fastest measured per device (`gather_rows`)
 _WIDE = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint8)   # widest first
 
 
@@ -173,7 +175,7 @@ def check_gather_mode(mode: str, modes: tuple[str, ...] = GATHER_MODES) -> str:
     return mode
 
 
-def gather_rows(fp: torch.Tensor, index: torch.Tensor, mode: str = DEFAULT_GATHER,
+def gather_rows(fp: torch.Tensor, index: torch.Tensor, mode: str,
                 elements: torch.Tensor | None = None) -> torch.Tensor:
     """fp[index]: the rows of the (R, C) matrix `fp` at the flat int64 `index`, (len, C), by
     one of the `ROW_MODES`. Both copy bits, so their results are identical; why there are two:
@@ -349,11 +351,11 @@ class GatherGemmUNet(nn.Module):
     """`InferenceUNet` (folded BN, fp32 or fp16) run as gather + GEMM; same input (a sparse
     tensor: features, indices [b, x, y, z], spatial_shape, batch_size) and output."""
 
-    def __init__(self, model: InferenceUNet, max_gather_mb: float = 512.0, gather: str = DEFAULT_GATHER):
+    def __init__(self, model: InferenceUNet, max_gather_mb: float = 512.0, gather: str | None = None):
         super().__init__()
         self.in_channels, self.stride, self.dtype = model.in_channels, model.stride, model.dtype
         copy_levels(self, model, GemmConv, GemmBlock)
-        self.gather_mode = gather
+        self.gather_mode = gather or DEFAULT_GATHER[next(model.parameters()).device.type]
         self.head, self.scene = model.head, model.scene
         self.max_gather_bytes = int(max_gather_mb * 2**20)
         self.requires_grad_(False)

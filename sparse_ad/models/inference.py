@@ -172,7 +172,8 @@ def fuse_for_inference(model: SpUNet | InferenceUNet, half: bool = False, engine
     """A new inference-only model on `model`'s device; `model` itself is left as it is.
     `half` (CUDA only: spconv's CPU algorithm has no fp16 path worth using) stores fp16.
     `engine`: one of `config.INFERENCE_ENGINES`, or None for the device's `DEFAULT_ENGINE`.
-    `gather`: how the gather engines gather rows (`gather_gemm.GATHER_MODES`; default theirs)."""
+    `gather`: how the gather engines gather rows (`gather_gemm.GATHER_MODES`; None: the device's
+    `gather_gemm.DEFAULT_GATHER`)."""
     if engine is None:
         engine = DEFAULT_ENGINE[next(model.parameters()).device.type]
     if engine not in INFERENCE_ENGINES:
@@ -189,7 +190,7 @@ def fuse_for_inference(model: SpUNet | InferenceUNet, half: bool = False, engine
         from sparse_ad.models.gather_gemm import GatherGemmUNet
         from sparse_ad.models.graphs import GraphedGatherGemm
 
-        net = GatherGemmUNet(fused) if gather is None else GatherGemmUNet(fused, gather=gather)
+        net = GatherGemmUNet(fused, gather=gather)
         return GraphedGatherGemm(net) if engine == "gather_gemm_graphs" else net
     return fused
 
