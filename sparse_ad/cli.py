@@ -53,9 +53,10 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
                         "gather + GEMM; far fewer host calls per conv, more arithmetic), or gather_gemm_graphs "
                         f"(those convs replayed from CUDA graphs; CUDA only); see README; default: "
                         f"{', '.join(f'{v} on {k}' for k, v in DEFAULT_ENGINE.items())}")
-    p.add_argument("--batch-size", type=int,
+    p.add_argument("--batch-size", type=_int_at_least(1),
                    help="frames per forward pass; default: the checkpoint's train.batch_size (as validation scored)")
-    p.add_argument("--workers", type=int, help="frame loader processes; default: the checkpoint's data.num_workers")
+    p.add_argument("--workers", type=_int_at_least(0),
+                   help="frame loader processes; default: the checkpoint's data.num_workers")
 
 
 def _scoring(args):
@@ -291,6 +292,20 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
+
+
+def _int_at_least(low: int):
+    """An argparse type: a whole number >= `low` (so the error names the flag, not the
+    config setting it overrides)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}")
+        return value
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:

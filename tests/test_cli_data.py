@@ -131,6 +131,11 @@ def test_output_paths_numbers_and_tools_fail_in_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(["eval-preds", "--pred-dir", "p", "--data", "d", "--out", "m.json", "--threshold", bad])
         assert e.value.code == 2 and "--threshold: expected a finite number" in capsys.readouterr().err
+    for cmd, flag, bad, low in (("eval", "--batch-size", "0", 1), ("predict", "--workers", "-1", 0),
+                                ("eval", "--workers", "two", 0)):   # the flag typed, not the config key it sets
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--checkpoint", "c.pt", "--data", "d", "--out", "o", flag, bad])
+        assert e.value.code == 2 and f"{flag}: expected a whole number >= {low}" in capsys.readouterr().err
     assert lead_vans(["--split", str(tmp_path), "--checkpoint", str(tmp_path / "none.pt")]) == 2   # not a synth split
     err = capsys.readouterr().err.strip()
     assert err.startswith("lead_vans: error: ") and "synth" in err and len(err.splitlines()) == 1
