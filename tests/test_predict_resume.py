@@ -69,3 +69,19 @@ def test_the_summary_counts_the_frames_that_failed_to_load(checkpoint, tiny_spli
         assert (f"({kept} already there, 1 skipped: failed to load, see the warnings; a rerun retries them)"
                 in capsys.readouterr().out)
     assert len(list((tmp_path / "p").glob("Scenario_*/VOXEL_GRID_*.npy"))) == 11
+
+
+def test_a_broken_ground_truth_file_costs_eval_its_frame_not_predict(checkpoint, tiny_split, tmp_path, capsys):
+    """`predict` needs no ground truth, so a truncated VOXEL_GRID does not cost it the frame;
+    `eval` skips that frame with a warning naming the file and counts it in skipped_frames."""
+    from sparse_ad.engine.evaluate import evaluate_checkpoint
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_split, data, copy_function=shutil.copy2)
+    broken = sorted(data.glob("Scenario_*/VOXEL_GRID/*.npy"))[4]
+    broken.write_bytes(broken.read_bytes()[:100])                    # truncated
+    assert predict_split(checkpoint, data, tmp_path / "p", progress=False) == 12
+    assert "none skipped" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match=f"skipping frame: {broken}"):
+        result = evaluate_checkpoint(checkpoint, tmp_path / "ev", data=data, all_frames=True, progress=False)
+    assert result["skipped_frames"] == 1 and result["frames"] == 11

@@ -58,7 +58,10 @@ class FrameDataset:
     collate drops it and the trainer counts it (see `batch.collate`).
     """
 
-    def __init__(self, frames: list[FrameRef], cfg: Config, train: bool):
+    def __init__(self, frames: list[FrameRef], cfg: Config, train: bool, labels: bool = True):
+        """`labels`: read each frame's VOXEL_GRID (where there is one) for the targets; False
+        for scoring alone (`predict`, `eval`), so a broken ground-truth file cannot cost a
+        prediction: every target is then "ignore"."""
         from sparse_ad.models.spunet import check_input_channels
 
         if cfg.data.sensor != "LIDAR":   # SEMANTIC-LIDAR's 4th column would reach the model as intensity
@@ -75,6 +78,7 @@ class FrameDataset:
         self.grid = cfg.grid.build()
         self.lut = target_table(cfg.labels.anomaly_tags, cfg.labels.ignore_tags)
         self.train = train
+        self.labels = labels
         self.epoch = 0
         self.in_flight = InFlight(frames)
 
@@ -100,7 +104,7 @@ class FrameDataset:
 
     def _load(self, index: int, ref: FrameRef) -> Sample:
         frame = load_frame(ref, self.cfg.data.sensor,
-                           with_gt=ref.scenario.voxel_grid_file(ref.frame).exists())
+                           with_gt=self.labels and ref.scenario.voxel_grid_file(ref.frame).exists())
         variant = asdict(self.cfg.transform)
         if self.cfg.data.sweeps > 1:
             points = stacked_grid_points(ref, self.cfg.data.sensor, self.cfg.data.sweeps, variant, frame)
@@ -108,7 +112,7 @@ class FrameDataset:
             points = frame.grid_points(**variant)
         if frame.gt is not None:
             gt = GroundTruth.from_rows(frame.gt, self.grid, str(ref.scenario.voxel_grid_file(ref.frame)))
-        else:  # prediction on a split without ground truth: every target is "ignore"
+        else:  # scoring alone, or a split without ground truth: every target is "ignore"
             gt = GroundTruth(np.zeros(0, np.int64), np.zeros(0, np.int64))
         points = finite_rows(points)
         targets = point_targets(points, gt.keys, gt.tags, self.grid, self.lut)

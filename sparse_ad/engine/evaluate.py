@@ -166,7 +166,11 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
             continue
         keys, scores = load_prediction(path, grid)
         gt_file = ref.scenario.voxel_grid_file(ref.frame)
-        gt = GroundTruth.from_rows(load_voxel_grid(gt_file), grid, str(gt_file))
+        try:
+            gt = GroundTruth.from_rows(load_voxel_grid(gt_file), grid, str(gt_file))
+        except SparseADError as e:   # counted in skipped_frames, like a sweep that failed to load
+            warnings.warn(f"skipping frame: {e}", stacklevel=2)
+            continue
         seen = lidar_hits_anomaly(ref, gt, cfg, grid, lut)
         no_lidar += seen is None
         acc.add_frame(*scored_voxels(keys, scores, gt, lut), size=frame_size(ref), name=ref.name,
@@ -259,7 +263,7 @@ def predict_frames(model, cfg: Config, refs: list[FrameRef], device: torch.devic
     from sparse_ad.engine.validate import scored_batches
     from sparse_ad.io import progress_bar
 
-    ds = FrameDataset(refs, cfg, train=False)
+    ds = FrameDataset(refs, cfg, train=False, labels=False)   # scores need no ground truth (eval reads its own)
     with progress_bar(None, progress, total=len(ds), desc=desc, unit="frame") as bar:
         for batch, vb, scores in scored_batches(model, ds, cfg, cfg.grid.build(), device, amp=device.type == "cuda"):
             for reason in batch.skipped:
@@ -303,7 +307,11 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, a
     acc = ProtocolAccumulator(histogram_bins=histogram_bins)
     for ref, keys, _, scores in predict_frames(model, cfg, refs, dev, progress, desc="eval"):
         gt_file = ref.scenario.voxel_grid_file(ref.frame)
-        gt = GroundTruth.from_rows(load_voxel_grid(gt_file), grid, str(gt_file))
+        try:
+            gt = GroundTruth.from_rows(load_voxel_grid(gt_file), grid, str(gt_file))
+        except SparseADError as e:   # counted in skipped_frames, like a sweep that failed to load
+            warnings.warn(f"skipping frame: {e}", stacklevel=2)
+            continue
         # with earlier sweeps the scored voxels are more than the current sweep's, which alone
         # decides "anomalies only" (as in eval-preds); with one sweep they are the same thing
         seen = lidar_hits_anomaly(ref, gt, cfg, grid, lut) if cfg.data.sweeps > 1 else None
