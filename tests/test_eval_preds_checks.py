@@ -58,6 +58,13 @@ def test_eval_preds_warns_when_predict_made_the_files_from_another_version_of_th
     assert predict_split(checkpoint, tiny_split, preds, progress=False) == 12
     _, said = _warned(evaluate_predictions, preds, tiny_split, tmp_path / "a.json", cfg, progress=False)
     assert not [m for m in said if ANOTHER_SPLIT in m]   # the same split: its fingerprint computed as predict's
+    manifest = json.loads((preds / "predict.json").read_text())
+    old = {k: v for k, v in manifest.items() if k not in ("sensor", "transform")}   # an older predict.json
+    (preds / "predict.json").write_text(json.dumps(old))
+    semantic = load_config(None, ["data.sensor=SEMANTIC-LIDAR"])   # predict read LIDAR whatever eval-preds is told
+    _, said = _warned(evaluate_predictions, preds, tiny_split, tmp_path / "old.json", semantic, progress=False)
+    assert not [m for m in said if ANOTHER_SPLIT in m]
+    (preds / "predict.json").write_text(json.dumps(manifest))
     lidar = sorted(tiny_split.glob("Scenario_*/LIDAR*/*.npy"))[0]
     os.utime(lidar, ns=(lidar.stat().st_atime_ns, lidar.stat().st_mtime_ns + 10**9))   # rewritten in place
     _, said = _warned(evaluate_predictions, preds, tiny_split, tmp_path / "b.json", cfg, progress=False)

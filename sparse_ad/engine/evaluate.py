@@ -81,16 +81,18 @@ def predict_manifest(pred_dir: Path, need_threshold: bool) -> dict:
     return manifest
 
 
-def predicted_on_another_split(manifest: dict, data: Path, sensor: str) -> bool:
+def predicted_on_another_split(manifest: dict, data: Path) -> bool:
     """Whether `data`'s point files differ from those `predict` made the folder's files from,
     by the fingerprint its predict.json records (`export.split_fingerprint`, recomputed as
-    `predict` computes it): a split regenerated in place keeps its frame names, so its ground
-    truth would otherwise score the old clouds' predictions. False when none is recorded
-    (another method's files)."""
+    `predict` computes it, over the sensor it read: LIDAR where an older predict.json does not
+    say, the only sensor `predict` reads): a split regenerated in place keeps its frame names,
+    so its ground truth would otherwise score the old clouds' predictions. False when none is
+    recorded (another method's files)."""
     from sparse_ad.export import split_fingerprint
 
     if "split" not in manifest:
         return False
+    sensor = manifest.get("sensor", "LIDAR")
     try:
         with warnings.catch_warnings():   # predict's view of the split; eval-preds warns about its own
             warnings.simplefilter("ignore")
@@ -153,9 +155,10 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
     grid = cfg.grid.build()
     lut = target_table(cfg.labels.anomaly_tags, cfg.labels.ignore_tags)
     split = open_split(data, sensor_type=None, need_gt=True)
-    if predicted_on_another_split(manifest, data, cfg.data.sensor):
+    if predicted_on_another_split(manifest, data):
         warnings.warn(f"{pred_dir / MANIFEST}: the predictions were made on another version of the split {data} "
-                      f"(its {cfg.data.sensor} files were added, removed or rewritten since), so they may not be "
+                      f"(its {manifest.get('sensor', 'LIDAR')} files were added, removed or rewritten since), so "
+                      "they may not be "
                       "these frames' scores; re-run predict into a new folder", stacklevel=2)
     acc = ProtocolAccumulator(histogram_bins=histogram_bins)
     missing = no_lidar = 0
