@@ -197,7 +197,8 @@ def _cmd_check_alignment(args):
     ok, message = verdict(results)
     if args.json:
         atomic_write_text(args.json, json.dumps({
-            "ok": ok, "message": message, "sweeps": {**dataclasses.asdict(sweeps), "message": sweeps.message()},
+            "ok": ok, "message": message,
+            "sweeps": {**dataclasses.asdict(sweeps), "registers": sweeps.registers, "message": sweeps.message()},
             "candidates": [{"name": r.name, "overrides": r.overrides(), "lidar_voxels": r.lidar_voxels,
                             "found_share": r.found_share, "agreement": r.agreement} for r in results]},
             indent=2))
