@@ -132,6 +132,11 @@ def test_default_gather_mode_is_the_devices(monkeypatch):
     assert GatherGemmUNet(fused).gather_mode == "bag"
     assert fuse_for_inference(fused, engine="gather_gemm").gather_mode == "bag"
     assert GatherGemmUNet(fused, gather="gather").gather_mode == "gather"
+    net, named = GatherGemmUNet(fused), GatherGemmUNet(fused, gather="gather")
+    monkeypatch.setitem(gather_gemm.DEFAULT_GATHER, "cpu", "index_select")   # as if moved to a device
+    x = _input(5, (16, 12, 8))                                             # whose default is another
+    net(x), named(x)
+    assert net.gather_mode == "index_select" and net.stem.bag_weight is None and named.gather_mode == "gather"
 
 
 def test_bag_index_skips_absent_neighbours():

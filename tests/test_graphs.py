@@ -89,6 +89,15 @@ def test_only_the_latest_signatures_are_kept(randomize_bn):
         graphed(_frame(voxels, voxels=voxels))
     assert len(graphed._signatures) == 2
     assert next(reversed(graphed._signatures))[0] == level_rows(0, 200)   # most recently used last
+    sizes = [s.nbytes for s in graphed._signatures.values()]
+    assert sizes[0] > sizes[1]   # least recently used first: 400 voxels' buffers, then 200's
+    capped = GraphedGatherGemm(gemm, max_buffer_mb=(sizes[0] + sizes[1] - 1) / 2**20)   # not room for both
+    for voxels in (400, 200):
+        capped(_frame(voxels, voxels=voxels))
+    assert list(capped._signatures) == [next(reversed(graphed._signatures))]   # the newest alone
+    tiny = GraphedGatherGemm(gemm, max_buffer_mb=0)
+    assert _close(tiny(_frame(1, voxels=100)).voxel_logits, gemm(_frame(1, voxels=100)).voxel_logits)
+    assert len(tiny._signatures) == 1   # the newest is kept whatever its size
 
 
 def test_graphs_engine_is_cuda_only_and_inference_only(randomize_bn):
@@ -147,3 +156,29 @@ def test_a_capture_error_names_the_op_behind_the_exit_error():
         outer = e
     assert error_chain(outer) == ("RuntimeError: operation failed due to a previous error during capture <- "
                                   "ValueError: operation not permitted when stream is capturing")
+
+
+def test_a_failed_capture_warns_once_and_the_convs_run_eagerly(randomize_bn, monkeypatch):
+    """A capture that fails must not cost an eval or predict run: one warning with the error,
+    then the same ops without graphs (the CUDA path's fallback, driven here on CPU)."""
+    gemm, graphed = _nets(randomize_bn)
+    x = _frame(0)
+    graphed(x)   # on CPU: buffers filled, run eagerly
+    sig = next(iter(graphed._signatures.values()))
+    tries = []
+
+    def fail(s):
+        tries.append(s)
+        raise SparseADError("CUDA graph capture failed (RuntimeError: boom)")
+
+    monkeypatch.setattr(graphed, "_capture", fail)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    with pytest.warns(UserWarning, match=r"capture failed \(RuntimeError: boom\); running the convs eagerly"):
+        out = graphed._replay(sig)
+    assert torch.equal(out, gemm.run(sig.inp, sig.maps)) and graphed.eager_reason.endswith("boom)")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no second warning, no second try
+        assert torch.equal(graphed._replay(sig), out)
+    assert len(tries) == 1 and graphed.captures == 0 and graphed.capture_s == 0.0

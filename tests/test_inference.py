@@ -77,5 +77,5 @@ def test_validation_scores_with_what_eval_runs_on_the_device():
     assert validation_scorer(model, torch.device("cpu")) is model
     scorer = validation_scorer(model, torch.device("cuda"))
     assert DEFAULT_ENGINE["cuda"].startswith("gather_gemm")   # validation runs its ops eagerly
-    assert type(scorer) is GatherGemmUNet and scorer.dtype == torch.float16
+    assert type(scorer) is GatherGemmUNet and scorer.dtype == torch.float16 and not scorer.gather_named
     assert next(model.parameters()).dtype == torch.float32          # the trained model untouched

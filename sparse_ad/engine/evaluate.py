@@ -329,6 +329,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, data: Path | None = None, a
     if hasattr(model, "captures"):   # gather_gemm_graphs: what a stream of frames cost it in captures
         result["graph_captures"] = model.captures
         result["graph_capture_s"] = round(model.capture_s, 3)
+        result["graph_fallback"] = model.eager_reason   # why it ran eagerly after all, or None
     out = Path(out)
     _write_json(out / "metrics.json", result)
     plot_curves(acc, out / "curves.png")

@@ -17,8 +17,9 @@ Why three: the profile of the first ("index_select") found its row copies taking
 6.0 ms of GPU time, in a torch kernel made for wide rows; the other two avoid that kernel in
 two different ways, and which is fastest is a measurement (`tools/bench_model.py` times all
 three), not an argument. Measured (`DEFAULT_GATHER`): on an H100 (2026-11-26, `anovox_mono`,
-GPU time of a forward) index_select 6.0 ms, gather 1.7, bag 2.1; on a 2-core CPU the
-index_select path is the fastest (gather ~2x, bag ~1.7x its time).
+GPU time of a forward) index_select 6.0 ms, gather 1.7, bag 2.1; on a 2-core CPU
+index_select is the fastest (one 24k-voxel frame, 1 / 2 threads: 1070 / 563 ms, gather
+1304 / 912, bag 1354 / 946).
 
 Every feature matrix carries one extra, zero, last row (`_padded`): a map points there for
 "no voxel", so absent neighbours contribute nothing without a mask or a copy per conv.
@@ -355,7 +356,8 @@ class GatherGemmUNet(nn.Module):
         super().__init__()
         self.in_channels, self.stride, self.dtype = model.in_channels, model.stride, model.dtype
         copy_levels(self, model, GemmConv, GemmBlock)
-        self.gather_mode = gather or DEFAULT_GATHER[next(model.parameters()).device.type]
+        self._set_mode(gather or DEFAULT_GATHER[next(model.parameters()).device.type])
+        self.gather_named = gather is not None   # else the device's DEFAULT_GATHER, chosen by `run`'s input
         self.head, self.scene = model.head, model.scene
         self.max_gather_bytes = int(max_gather_mb * 2**20)
         self.requires_grad_(False)
@@ -373,6 +375,10 @@ class GatherGemmUNet(nn.Module):
 
     @gather_mode.setter
     def gather_mode(self, mode: str) -> None:
+        self._set_mode(mode)
+        self.gather_named = True
+
+    def _set_mode(self, mode: str) -> None:
         self._gather_mode = check_gather_mode(mode)
         for m in self.modules():
             if isinstance(m, GemmConv):
@@ -400,6 +406,8 @@ class GatherGemmUNet(nn.Module):
         """The convs: padded input features (rows + 1, C) in the model's dtype → padded final
         features (rows + 1, w0). No host sync, fixed shapes for fixed map shapes (so a CUDA
         graph can capture it)."""
+        if not self.gather_named and self.gather_mode != DEFAULT_GATHER[f.device.type]:
+            self._set_mode(DEFAULT_GATHER[f.device.type])   # moved to another device since it was built
         mode, cap = self.gather_mode, self.max_gather_bytes
         subm = [Taps(m.table, mode) for m in maps]
         down = [Taps(m.down_table, mode) for m in maps[:-1]]

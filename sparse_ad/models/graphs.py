@@ -12,7 +12,7 @@ count is rounded up (`level_rows`: the full-resolution level to a `bucket`, at m
 rows, eight sizes per octave; the coarser levels to a power of two), and per signature (the
 row counts of all levels) the convs are captured once over static buffers: the padded input
 features, every level's maps, the output. Why coarse levels round so far: a capture costs a
-device sync, two warm-up runs and the capture itself (not yet timed on a GPU), while padding
+device sync, two warm-up runs and the capture itself (58-114 ms on an H100), while padding
 a coarse level only enlarges GEMMs of a few hundred to a few thousand rows; and the coarse
 counts of consecutive frames wander independently of the fine one. With eight sizes per
 octave on every level, 240 frames of 24 synthetic scenarios scored one at a time
@@ -33,6 +33,7 @@ eagerly, which is how the CPU tests check all of this (the capture itself needs 
 from __future__ import annotations
 
 import time
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -71,6 +72,8 @@ class _Signature:
                      for i, r in enumerate(rows)]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
+        self.nbytes = self.inp.nbytes + sum(t.nbytes for m in self.maps
+                                            for t in (m.table, m.down_table, m.slot) if t is not None)
 
     def load(self, feats: torch.Tensor, maps: list[LevelMaps]) -> None:
         """The frame's features and maps into the first rows of the buffers."""
@@ -84,18 +87,22 @@ class _Signature:
 
 class GraphedGatherGemm(nn.Module):
     """`GatherGemmUNet` whose convs replay CUDA graphs, one per bucket signature (the
-    `max_graphs` most recently used are kept; all share one memory pool, as they never run
-    at the same time). Same input and output as the other engines."""
+    `max_graphs` most recently used are kept, fewer where their static buffers — input, maps:
+    int64 (rows, 27) per level — would pass `max_buffer_mb`, ~370 MB for 8 frames x 4 views;
+    all share one memory pool, as they never run at the same time). Same input and output as
+    the other engines."""
 
-    def __init__(self, net: GatherGemmUNet, max_graphs: int = 8):
+    def __init__(self, net: GatherGemmUNet, max_graphs: int = 8, max_buffer_mb: float = 1024.0):
         super().__init__()
         self.net = net
         self.in_channels, self.stride, self.dtype = net.in_channels, net.stride, net.dtype
         self.max_graphs = max_graphs
+        self.max_buffer_bytes = int(max_buffer_mb * 2**20)   # the kept signatures' static buffers, together
         self._signatures: OrderedDict[tuple[int, ...], _Signature] = OrderedDict()
         self._pool = None
         self.captures = 0   # graphs captured so far, evicted ones included (`eval` reports it)
         self.capture_s = 0.0   # host seconds they took, warm-ups and syncs included (`eval` reports it)
+        self.eager_reason: str | None = None   # why captures stopped and the convs run eagerly, if they did
 
     def train(self, mode: bool = True):
         self.net.train(mode)   # refuses mode=True
@@ -114,20 +121,32 @@ class GraphedGatherGemm(nn.Module):
         rows = tuple(level_rows(level, m.table.shape[0]) for level, m in enumerate(maps))
         sig = self._signatures.pop(rows, None) or _Signature(rows, feats.shape[1], self.dtype, feats.device)
         self._signatures[rows] = sig                        # most recently used last
-        while len(self._signatures) > self.max_graphs:
+        while len(self._signatures) > self.max_graphs or (  # the newest is always kept
+                len(self._signatures) > 1 and sum(s.nbytes for s in self._signatures.values()) > self.max_buffer_bytes):
             self._signatures.popitem(last=False)
         sig.load(feats, maps)
-        if feats.device.type != "cuda":
-            out = self.net.run(sig.inp, sig.maps)
-        else:
-            if sig.graph is None:
+        out = self._replay(sig) if feats.device.type == "cuda" else self.net.run(sig.inp, sig.maps)
+        return heads(self.net.head, self.net.scene, out[:feats.shape[0]], x.indices[:, 0], x.batch_size)
+
+    def _replay(self, sig: _Signature) -> torch.Tensor:
+        """The signature's graph replayed (captured first if new). If a capture fails, this
+        model warns once, with the whole error chain, and runs its convs eagerly from then on:
+        the same ops (gather_gemm, what validation scored with), so a run is not lost to it."""
+        if self.eager_reason is not None:
+            return self.net.run(sig.inp, sig.maps)
+        if sig.graph is None:
+            try:
+                torch.cuda.synchronize()   # time the capture alone, not the work queued before it
                 t0 = time.perf_counter()
                 self._capture(sig)
-                torch.cuda.synchronize(feats.device)   # the warm-ups' device time belongs to the capture
-                self.capture_s += time.perf_counter() - t0
-            sig.graph.replay()
-            out = sig.out
-        return heads(self.net.head, self.net.scene, out[:feats.shape[0]], x.indices[:, 0], x.batch_size)
+                torch.cuda.synchronize()   # the warm-ups' device time belongs to the capture
+            except Exception as e:   # noqa: BLE001 - SparseADError from _capture, or a late CUDA error
+                self.eager_reason = str(e) if isinstance(e, SparseADError) else error_chain(e)
+                warnings.warn(f"{self.eager_reason}; running the convs eagerly instead", stacklevel=3)
+                return self.net.run(sig.inp, sig.maps)
+            self.capture_s += time.perf_counter() - t0
+        sig.graph.replay()
+        return sig.out
 
     def _capture(self, sig: _Signature) -> None:
         """Warm up on a side stream (cuBLAS handles, allocator), then capture `run`. Any
@@ -157,8 +176,8 @@ class GraphedGatherGemm(nn.Module):
             torch.cuda.set_sync_debug_mode(sync_mode)
             torch.cuda.set_stream(stream)   # a failed exit leaves the capture stream current
             sig.out = None
-            raise SparseADError(f"CUDA graph capture failed ({error_chain(e)}); use the gather_gemm engine, "
-                                "which runs the same ops without a graph") from e
+            raise SparseADError(f"CUDA graph capture failed ({error_chain(e)}); the gather_gemm engine "
+                                "(--engine gather_gemm) runs the same ops without a graph") from e
         sig.graph = graph
         self.captures += 1
 
