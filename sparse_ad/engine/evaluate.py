@@ -169,11 +169,7 @@ def evaluate_predictions(pred_dir: Path, data: Path, out: Path, cfg: Config, thr
             continue
         keys, scores = load_prediction(path, grid)
         gt_file = ref.scenario.voxel_grid_file(ref.frame)
-        try:
-            gt = GroundTruth.from_rows(load_voxel_grid(gt_file), grid, str(gt_file))
-        except SparseADError as e:   # counted in skipped_frames, like a sweep that failed to load
-            warnings.warn(f"skipping frame: {e}", stacklevel=2)
-            continue
+        gt = GroundTruth.from_rows(load_voxel_grid(gt_file), grid, str(gt_file))
         seen = lidar_hits_anomaly(ref, gt, cfg, grid, lut)
         no_lidar += seen is None
         acc.add_frame(*scored_voxels(keys, scores, gt, lut), size=frame_size(ref), name=ref.name,
