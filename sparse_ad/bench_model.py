@@ -33,7 +33,7 @@ import torch
 from sparse_ad.bench import interleaved_ms, lidar_cloud, machine_info, median_ms, positive_int
 from sparse_ad.config import DEFAULT_ENGINE, load_config
 from sparse_ad.data.batch import Batch, voxelize_batch
-from sparse_ad.errors import SparseADError, reported
+from sparse_ad.errors import reported
 from sparse_ad.io import atomic_write_text
 
 
@@ -159,9 +159,9 @@ def bench_model(config: str | None = None, overrides=(), points: int = 120_000, 
                 default = graphed   # one graph pool, not two: peak memory as `eval` has it
             stages.update({"inference_graphs": infer_graphs, "inference_unet_graphs": lambda: unet_part(graphed)})
         except Exception as e:   # noqa: BLE001 - a replay or comparison may fail in other ways too
-            from sparse_ad.models.graphs import error_chain
+            from sparse_ad.models.graphs import error_text
 
-            results["graphs_error"] = str(e) if isinstance(e, SparseADError) else error_chain(e)
+            results["graphs_error"] = error_text(e)
             print(f"gather_gemm_graphs: {results['graphs_error']}")
     from sparse_ad.models.gather_gemm import DEFAULT_GATHER, GATHER_MODES
 

@@ -141,7 +141,7 @@ class GraphedGatherGemm(nn.Module):
                 self._capture(sig)
                 torch.cuda.synchronize()   # the warm-ups' device time belongs to the capture
             except Exception as e:   # noqa: BLE001 - SparseADError from _capture, or a late CUDA error
-                self.eager_reason = str(e) if isinstance(e, SparseADError) else error_chain(e)
+                self.eager_reason = error_text(e)
                 warnings.warn(f"{self.eager_reason}; running the convs eagerly instead", stacklevel=3)
                 return self.net.run(sig.inp, sig.maps)
             self.capture_s += time.perf_counter() - t0
@@ -180,6 +180,12 @@ class GraphedGatherGemm(nn.Module):
                                 "(--engine gather_gemm) runs the same ops without a graph") from e
         sig.graph = graph
         self.captures += 1
+
+
+def error_text(e: BaseException) -> str:
+    """One line for `e`: a SparseADError's own message (`_capture`'s already names the chain),
+    else its chain (`error_chain`)."""
+    return str(e) if isinstance(e, SparseADError) else error_chain(e)
 
 
 def error_chain(e: BaseException) -> str:
